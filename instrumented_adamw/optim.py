@@ -1,0 +1,276 @@
+"""``InstrumentedAdamW``: ``torch.optim.AdamW`` that measures the force budget of ‖W‖² every step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _default_to_fused_or_foreach, _use_grad_for_differentiable
+
+from .forces import ForceReadout, ForceStats, forces_from_reductions
+from .functional import Arena, delegated_adamw, multi_tensor_adamw, single_tensor_adamw
+from .reductions import dot_f64
+
+WEIGHT_DECAY_SCHEDULES = ("lr", "lr_squared")
+
+
+class InstrumentedAdamW(torch.optim.AdamW):
+    r"""AdamW whose ``step()`` also measures, per tensor, why ‖W‖² changed.
+
+    The update is torch's AdamW, ``W₊ = (1 − ηλ)W − η·û`` with ``û = m̂/(√v̂ + ε)``: parameters and state are
+    bitwise equal to ``torch.optim.AdamW`` with the same arguments (single-tensor, foreach and fused paths), and
+    state dicts move both ways. With W the **pre-update** weights, the change of the squared norm splits exactly:
+
+    .. math::
+        ‖W₊‖² − ‖W‖² = \underbrace{−2η⟨W,û⟩}_{align} + \underbrace{η²‖û‖²}_{inject}
+                      + \underbrace{−2ηλ‖W‖²}_{decay} + \underbrace{2η²λ⟨W,û⟩ + η²λ²‖W‖²}_{higher\ order}
+
+    Emitted per tracked tensor and step (``last_forces().to_dict()[name]``); all float64, accumulated on the device
+    every tracked step into interval sums that ``read_forces()`` returns and resets:
+
+    ================  ====================================  =================================================
+    key               definition                            meaning / sign
+    ================  ====================================  =================================================
+    ``w_dot_u``       ⟨W, û⟩                                raw inner product (W pre-update)
+    ``u_sq``          ‖û‖²                                  raw step magnitude
+    ``w_sq``          ‖W‖²                                  squared norm before the step
+    ``align``         −2η⟨W, û⟩                             learning signal; growth-positive (> 0 grows ‖W‖)
+    ``inject``        η²‖û‖²                                always ≥ 0: a step of any direction adds norm
+    ``decay``         −2ηλ‖W‖²                              decoupled weight decay, always ≤ 0
+    ``higher_order``  2η²λ⟨W,û⟩ + η²λ²‖W‖²                  cross terms; make the identity exact, tiny
+    ``lr``            η of the tensor's group at that step
+    ``weight_decay``  λ applied at that step                equals the group's λ unless ``lr_squared``
+    ================  ====================================  =================================================
+
+    û uses the AMSGrad running max for v̂ when ``amsgrad=True`` and the negated gradient with ``maximize=True``.
+    Half/bf16 parameters: û is computed in fp32 from the stored moments; the difference between the forces and
+    the actual change of the rounded weights is reported as ``residual`` by :meth:`read_forces`. Complex
+    parameters are reduced on their real view (‖W‖² of a complex tensor). Steps with NaN/Inf reductions proceed
+    exactly as torch's would, are counted in ``nonfinite_steps`` and kept out of the interval sums; steps skipped
+    by ``GradScaler`` record nothing.
+
+    Args:
+        params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable, fused: as
+            :class:`torch.optim.AdamW` (same positions and defaults). ``model.named_parameters()`` keeps the names;
+            otherwise tensors are named ``group{g}.param{i}``.
+        track (bool): measure forces (default: True). With False this is plain AdamW.
+        track_every (int): measure every N-th ``step()`` call (default: 1). Interval sums then cover only the
+            measured steps; ``steps`` in the read-out says how many.
+        track_filter (Callable[[str], bool], optional): which tensor names to measure (default: all).
+        weight_decay_schedule (str): ``"lr"`` (torch's decoupled decay, per-step shrink ηλ) or ``"lr_squared"``
+            (λ_t = λ·η_t/η_max, per-step shrink ∝ η², after Chou, arXiv 2512.08217). η_max is the group's
+            ``initial_lr`` when an LR scheduler set it, else the lr the group was created with.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        track: bool = True,
+        track_every: int = 1,
+        track_filter: Callable[[str], bool] | None = None,
+        weight_decay_schedule: str = "lr",
+    ) -> None:
+        if not isinstance(track_every, int) or isinstance(track_every, bool) or track_every < 1:
+            raise ValueError(f"Invalid track_every: {track_every!r} (a positive int, 1 = every step)")
+        if weight_decay_schedule not in WEIGHT_DECAY_SCHEDULES:
+            raise ValueError(
+                f"Invalid weight_decay_schedule: {weight_decay_schedule!r}; choose one of {WEIGHT_DECAY_SCHEDULES}"
+            )
+        if track_filter is not None and not callable(track_filter):
+            raise TypeError(f"track_filter must be a callable name -> bool, got {type(track_filter).__name__}")
+        # Set before super().__init__, which calls add_param_group for every group.
+        self._track = bool(track)
+        self._track_every = track_every
+        self._track_filter = track_filter
+        self._wd_schedule = weight_decay_schedule
+        self._rows: dict[int, tuple[torch.device, int]] = {}
+        self._stats: dict[torch.device, ForceStats] = {}
+        self._tracked_params: dict[torch.device, list[Tensor]] = {}
+        self._arena = Arena()
+        self._calls = 0
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
+
+    # ------------------------------------------------------------------ groups, names, state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        g = len(self.param_groups) - 1
+        group = self.param_groups[g]
+        self._set_peak_lr(group)
+        names = group.get("param_names") or [f"group{g}.param{i}" for i in range(len(group["params"]))]
+        new: dict[torch.device, list[tuple[str, Tensor]]] = {}
+        for name, p in zip(names, group["params"], strict=True):
+            if self._track_filter is None or self._track_filter(name):
+                new.setdefault(p.device, []).append((name, p))
+        for device, items in new.items():
+            stats = self._stats.setdefault(device, ForceStats(device))
+            rows = stats.add_rows([n for n, _ in items])
+            self._tracked_params.setdefault(device, []).extend(p for _, p in items)
+            for (_, p), row in zip(items, rows, strict=True):
+                self._rows[id(p)] = (device, row)
+
+    @staticmethod
+    def _set_peak_lr(group: dict[str, Any]) -> None:
+        lr = group["lr"]
+        group.setdefault("lr_peak", float(lr) if not isinstance(lr, Tensor) else None)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict goes through here; groups saved by torch.optim.AdamW have no "lr_peak".
+        super().__setstate__(state)
+        for group in self.param_groups:
+            self._set_peak_lr(group)
+
+    @property
+    def tracked_names(self) -> list[str]:
+        return [n for stats in self._stats.values() for n in stats.names]
+
+    def _effective_weight_decay(self, group: dict[str, Any]):
+        wd = group["weight_decay"]
+        if self._wd_schedule == "lr":
+            return wd
+        lr = group["lr"]
+        peak = group.get("initial_lr", group.get("lr_peak"))
+        if isinstance(lr, Tensor) or isinstance(peak, Tensor) or peak is None:
+            raise ValueError(
+                "weight_decay_schedule='lr_squared' needs float learning rates (a tensor lr would need a host "
+                "sync to scale the decay); pass lr as a float"
+            )
+        if peak <= 0:
+            raise ValueError(f"weight_decay_schedule='lr_squared' needs a positive peak lr, got {peak}")
+        return wd * lr / peak
+
+    # ------------------------------------------------------------------ step
+    @_use_grad_for_differentiable
+    def step(self, closure=None):
+        """Perform one AdamW step and, on tracked steps, fold its forces into the device-side tables."""
+        check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
+            self, "_cuda_graph_capture_health_check"
+        )
+        check()
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        self._calls += 1
+        measuring = self._track and (self._calls - 1) % self._track_every == 0
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            max_exp_avg_sqs: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            has_complex = self._init_group(
+                group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
+            )
+            if not params:
+                continue
+            tracked = [measuring and id(p) in self._rows for p in params]
+            beta1, beta2 = group["betas"]
+            lr = group["lr"]
+            weight_decay = self._effective_weight_decay(group)
+            lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, tracked)
+            common = dict(amsgrad=group["amsgrad"], lr=lr, weight_decay=weight_decay, eps=group["eps"],
+                          maximize=group["maximize"])
+
+            path = self._path(group, params)
+            arena = self._arena if params[0].device.type == "cpu" else None
+            if path == "delegated":
+                reductions = delegated_adamw(
+                    *lists, has_complex=has_complex, beta1=beta1, beta2=beta2, foreach=group["foreach"],
+                    capturable=group["capturable"], differentiable=group["differentiable"], fused=group["fused"],
+                    grad_scale=grad_scale, found_inf=found_inf, arena=arena, **common,
+                )
+                skip = found_inf
+            elif path == "foreach":
+                reductions = multi_tensor_adamw(
+                    *lists, has_complex=has_complex, beta1=beta1, beta2=beta2, arena=arena, **common
+                )
+                skip = None
+            else:
+                reductions = single_tensor_adamw(*lists, beta1=beta1, beta2=beta2, **common)
+                skip = None
+            if reductions:
+                self._record(params, reductions, lr, weight_decay, skip)
+        return loss
+
+    def _path(self, group: dict[str, Any], params: list[Tensor]) -> str:
+        """Same choice as ``torch.optim.adam.adam``; fused, capturable and differentiable delegate to torch."""
+        if group["fused"] or group["capturable"] or group["differentiable"]:
+            return "delegated"
+        foreach = group["foreach"]
+        if foreach is None and group["fused"] is None:
+            _, foreach = _default_to_fused_or_foreach(params, group["differentiable"], use_fused=False)
+            if foreach and isinstance(group["lr"], Tensor):
+                foreach = False
+        return "foreach" if foreach else "single"
+
+    def _record(self, params: list[Tensor], reductions, lr, weight_decay, skip: Tensor | None) -> None:
+        by_device: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
+        for i, red in reductions.items():
+            device, row = self._rows[id(params[i])]
+            rows, reds = by_device.setdefault(device, ([], []))
+            rows.append(row)
+            reds.append(red.to(device))
+        for device, (rows, reds) in by_device.items():
+            values = forces_from_reductions(torch.stack(reds), lr, weight_decay)
+            self._stats[device].record(tuple(rows), values, skip)
+
+    # ------------------------------------------------------------------ read-out
+    @torch.no_grad()
+    def read_forces(self, reset: bool = True) -> ForceReadout:
+        """Last-step values and the integrals since the previous reset, for every tracked tensor.
+
+        One device-to-host copy per device (this is the synchronisation point; call it on log steps only). Also
+        measures ‖W‖² now, which closes the books: ``residual`` = ‖W‖²_now − ‖W‖²_start − Σ forces.
+        """
+        names: list[str] = []
+        tables, w_now = [], []
+        for device, stats in self._stats.items():
+            if not stats.names:
+                continue
+            real = [torch.view_as_real(p) if p.is_complex() else p for p in self._tracked_params[device]]
+            w_sq = torch.stack([dot_f64(r, r) for r in real])
+            host = torch.cat((stats.table, w_sq[:, None]), dim=1).cpu().numpy()
+            names.extend(stats.names)
+            tables.append(host[:, :-1])
+            w_now.append(host[:, -1])
+            if reset:
+                stats.reset_interval()
+        if not names:
+            return ForceReadout.empty()
+        return ForceReadout.from_tables(names, np.concatenate(tables), np.concatenate(w_now))
+
+    def last_forces(self) -> ForceReadout:
+        """Like :meth:`read_forces` without resetting the interval; ``.to_dict()`` gives the last step."""
+        return self.read_forces(reset=False)

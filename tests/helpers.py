@@ -1,0 +1,61 @@
+"""Shared test fixtures: a small two-group parameter set, deterministic gradients, a float64 reference."""
+
+from __future__ import annotations
+
+import torch
+
+from instrumented_adamw import InstrumentedAdamW
+
+# Shapes chosen so that the blocked reduction sees both full rows and a tail (4810 = 37*128 + 74), a bias, and a
+# tensor smaller than one row.
+SHAPES = {"enc.weight": (37, 130), "enc.bias": (37,), "dec.weight": (64, 128), "norm.weight": (5,)}
+GROUPS = ({"names": ("enc.weight", "enc.bias"), "lr": 1e-2}, {"names": ("dec.weight", "norm.weight"), "lr": 3e-3})
+
+
+def make_params(dtype=torch.float32, seed=0) -> dict[str, torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in SHAPES.items():
+        base = torch.ones(shape) if name == "norm.weight" else 0.02 * torch.randn(shape, generator=g)
+        out[name] = torch.nn.Parameter(base.to(dtype))
+    return out
+
+
+def param_groups(params: dict[str, torch.nn.Parameter], weight_decay: float, named: bool = True) -> list[dict]:
+    groups = []
+    for i, spec in enumerate(GROUPS):
+        items = [(n, params[n]) for n in spec["names"]]
+        groups.append(
+            {
+                "params": items if named else [p for _, p in items],
+                "lr": spec["lr"],
+                "weight_decay": weight_decay * (1 + i),
+            }
+        )
+    return groups
+
+
+def set_grads(params: dict[str, torch.nn.Parameter], step: int) -> None:
+    """Gradient of a quadratic pull towards a moving target plus noise: W·û is clearly nonzero, as in training."""
+    g = torch.Generator().manual_seed(1000 + step)
+    for p in params.values():
+        noise = torch.randn(p.shape, generator=g)
+        p.grad = (0.5 * p.detach().float() - 0.01 + 0.05 * noise).to(p.dtype)
+
+
+def twin_optimizers(flags: dict, dtype=torch.float32, weight_decay=0.01, **ours_kw):
+    """torch.optim.AdamW and InstrumentedAdamW on identical copies of the same parameters."""
+    pa, pb = make_params(dtype), make_params(dtype)
+    ref = torch.optim.AdamW(param_groups(pa, weight_decay, named=False), **flags)
+    ours = InstrumentedAdamW(param_groups(pb, weight_decay), **flags, **ours_kw)
+    return pa, ref, pb, ours
+
+
+def reference_reductions(w_pre: torch.Tensor, state: dict, beta1: float, beta2: float, eps: float, amsgrad: bool):
+    """float64 (⟨W,û⟩, ‖û‖², ‖W‖²) from the pre-update weights and the stored post-step moments."""
+    w = w_pre.double()
+    m = state["exp_avg"].double()
+    v = (state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"]).double()
+    step = float(state["step"])
+    u = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + eps)
+    return (w * u).sum().item(), (u * u).sum().item(), (w * w).sum().item()

@@ -1,0 +1,119 @@
+"""InstrumentedAdamW vs torch.optim.AdamW (bitwise) and vs a float64 reference (reductions, identity).
+
+Tolerances, and why:
+* parameters and optimizer state: bitwise equal -- the update is the same op sequence as torch's.
+* ‖û‖², ‖W‖²: 1e-6 relative. û is formed in fp32 (one division, plus torch's own fp32 denominator), so each
+  element carries ~2e-7 relative error; sums of positive terms keep that bound.
+* ⟨W,û⟩: 1e-6 of Σ|W_i û_i|, the condition scale of a dot product. This is 1e-6 relative whenever W and û are not
+  nearly orthogonal; the gradients below make them nearly orthogonal on purpose (condition number ~2000).
+* identity, fp32 params: |Δ‖W‖²_actual − Σ forces| ≤ 2·eps32·Σ W₊², the rounding of storing W₊ in fp32 (measured
+  ≤ 0.55 of it). The forces cannot see that rounding; it is reported as the residual. float64 params remove the
+  storage rounding and the identity then closes to 1e-9 of the force budget (measured ~4e-13).
+* identity, bf16 params: the read-out's residual equals Δ‖W‖²_actual − Σ forces, and stays within
+  BF16_RESIDUAL_BOUND (bf16 storage plus torch's bf16 arithmetic in the update).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import SHAPES, reference_reductions, set_grads, twin_optimizers
+
+PATHS = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+STEPS = 200
+BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+
+
+def bf16_residual_bound(w_next: torch.Tensor, last: np.ndarray) -> float:
+    """Storage rounding (½ ulp of each W₊ element, doubled for |2Wδ|) plus bf16 rounding inside torch's update
+    (denominator: sqrt, div, add; then addcdiv: ≤ 4 roundings of 2^-8 relative each) acting on the align and
+    inject terms."""
+    eps = torch.finfo(torch.bfloat16).eps  # 2^-7: one ulp at 1.0
+    storage = 2 * eps * w_next.double().pow(2).sum().item()
+    update = 4 * eps * (abs(last[3]) + last[4])
+    return storage + update
+
+
+def check_step(ours, params, pre, amsgrad, dtype):
+    r = ours.last_forces()
+    for name, p in params.items():
+        i = r.index(name)
+        last = r.last[i]
+        wu, uu, ww = reference_reductions(pre[name], ours.state[p], BETA1, BETA2, EPS, amsgrad)
+        cond = (pre[name].double().reshape(-1).abs() @ _uhat64(ours.state[p], amsgrad).reshape(-1).abs()).item()
+        assert abs(last[0] - wu) <= 1e-6 * cond, (name, last[0], wu)
+        assert last[1] == pytest.approx(uu, rel=1e-6), name
+        assert last[2] == pytest.approx(ww, rel=1e-6), name
+        w_next = p.detach().double()
+        actual = (w_next.pow(2).sum() - pre[name].double().pow(2).sum()).item()
+        forces = last[3:7].sum()
+        budget = np.abs(last[3:7]).sum()
+        # The read-out's residual is this difference, up to the 1e-6 relative precision of its two ‖W‖² reductions.
+        assert r.last_residual[i] == pytest.approx(actual - forces, abs=2e-6 * ww)
+        if dtype == torch.float64:
+            assert abs(actual - forces) <= 1e-9 * budget
+        elif dtype == torch.float32:
+            assert abs(actual - forces) <= 2 * torch.finfo(torch.float32).eps * w_next.pow(2).sum().item()
+        else:
+            assert abs(actual - forces) <= bf16_residual_bound(p.detach(), last), name
+
+
+def _uhat64(state, amsgrad):
+    m = state["exp_avg"].double()
+    v = (state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"]).double()
+    s = float(state["step"])
+    return (m / (1 - BETA1**s)) / ((v / (1 - BETA2**s)).sqrt() + EPS)
+
+
+def assert_same_state(ref, ours, pa, pb):
+    for (n, a), b in zip(pa.items(), pb.values(), strict=True):
+        assert torch.equal(a, b), f"parameter {n} differs from torch.optim.AdamW"
+        sa, sb = ref.state[a], ours.state[b]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"state {k} of {n} differs"
+
+
+CASES = list(
+    itertools.product(PATHS, [False, True], [False, True], [0.0, 0.01, 0.2], [torch.float32, torch.bfloat16])
+)
+
+
+@pytest.mark.parametrize(("path", "amsgrad", "maximize", "weight_decay", "dtype"), CASES)
+def test_bitwise_equal_to_torch_and_reductions_match_float64(path, amsgrad, maximize, weight_decay, dtype):
+    flags = dict(PATHS[path], amsgrad=amsgrad, maximize=maximize)
+    pa, ref, pb, ours = twin_optimizers(flags, dtype, weight_decay)
+    for step in range(STEPS):
+        set_grads(pa, step)
+        set_grads(pb, step)
+        pre = {n: p.detach().clone() for n, p in pb.items()}
+        ref.step()
+        ours.step()
+        if step % 10 == 0 or step == STEPS - 1:
+            check_step(ours, pb, pre, amsgrad, dtype)
+    assert_same_state(ref, ours, pa, pb)
+    # Every step was integrated for every tensor.
+    assert (ours.read_forces().steps == STEPS).all()
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_identity_closes_every_step(path):
+    """Every tensor, every step: fp32 within storage rounding, float64 to 1e-9 of the budget."""
+    for dtype in (torch.float32, torch.float64):
+        _, _, pb, ours = twin_optimizers(dict(PATHS[path]), dtype, 0.1)
+        for step in range(60):
+            set_grads(pb, step)
+            pre = {n: p.detach().clone() for n, p in pb.items()}
+            ours.step()
+            check_step(ours, pb, pre, False, dtype)
+
+
+def test_shapes_cover_row_tail_and_tiny_tensor():
+    from instrumented_adamw.reductions import ROW
+
+    sizes = [int(np.prod(s)) for s in SHAPES.values()]
+    assert any(n % ROW and n > ROW for n in sizes) and any(n < ROW for n in sizes)
