@@ -39,8 +39,8 @@ def forces_from_reductions(red: Tensor, lr, weight_decay) -> Tensor:
     """
     wu, uu, ww = red.unbind(1)
     eta = lr.detach().to(red.device, torch.float64) if isinstance(lr, Tensor) else float(lr)
-    lam = weight_decay.detach().to(red.device, torch.float64) if isinstance(weight_decay, Tensor) else float(
-        weight_decay
+    lam = (
+        weight_decay.detach().to(red.device, torch.float64) if isinstance(weight_decay, Tensor) else float(weight_decay)
     )
     align = -2.0 * eta * wu
     inject = eta * eta * uu
@@ -159,7 +159,8 @@ class ForceReadout:
     def to_dict(self) -> dict[str, dict[str, float]]:
         """Last step, per tensor: ``{name: {w_dot_u, u_sq, w_sq, align, inject, decay, higher_order, lr,
         weight_decay}}`` as Python floats (NaN where that step was non-finite)."""
-        return {n: dict(zip(LAST_KEYS, map(float, row), strict=True)) for n, row in zip(self.names, self.last)}
+        rows = zip(self.names, self.last, strict=True)
+        return {n: dict(zip(LAST_KEYS, map(float, row), strict=True)) for n, row in rows}
 
     def interval_dict(self) -> dict[str, dict[str, float]]:
         """Interval integrals per tensor, plus ``steps``, ``nonfinite_steps`` and ``residual``."""

@@ -69,17 +69,21 @@ class Arena:
 
 
 def _uhat_raw(exp_avg: Tensor, denom: Tensor | None, vhat: Tensor, bc2_sqrt, eps: float, out=None) -> Tensor:
-    """m / (√v̂/√bc2 + ε): û times the first-moment bias correction bc1.
+    """m / (√v̂/√bc2 + ε): û times the first-moment bias correction bc1, written into ``out`` when given.
 
     For fp32/fp64 parameters the update's own denominator is reused. For half/bf16 parameters torch rounds the
     denominator to 8 bits, so û is recomputed from the stored moments in fp32: the forces then describe AdamW's
-    intended step, and what low-precision arithmetic did differently shows up in the rounding residual.
+    intended step, and what low-precision arithmetic did differently shows up in the rounding residual. The
+    delegated path has no denominator to reuse (``denom=None``) and recomputes it the same way.
     """
-    if denom is not None and reduction_dtype(exp_avg.dtype) == exp_avg.dtype:
-        return torch.div(exp_avg, denom, out=out) if out is not None else exp_avg / denom
     dtype = reduction_dtype(exp_avg.dtype)
-    d = (vhat.to(dtype).sqrt() / bc2_sqrt).add_(eps)
-    return exp_avg.to(dtype) / d
+    if denom is not None and dtype == exp_avg.dtype:
+        return exp_avg / denom if out is None else torch.div(exp_avg, denom, out=out)
+    if out is None:
+        out = torch.empty(exp_avg.shape, dtype=dtype, device=exp_avg.device)
+    torch.sqrt(vhat.to(dtype), out=out)
+    out.div_(bc2_sqrt).add_(eps)
+    return torch.div(exp_avg.to(dtype), out, out=out)
 
 
 def _scaled(red: Tensor, bc1) -> Tensor:
@@ -208,9 +212,7 @@ def multi_tensor_adamw(
 
         if has_complex:
             if amsgrad:
-                _view_as_real(
-                    device_params, device_grads, device_exp_avgs, device_exp_avg_sqs, device_max_exp_avg_sqs
-                )
+                _view_as_real(device_params, device_grads, device_exp_avgs, device_exp_avg_sqs, device_max_exp_avg_sqs)
             else:
                 _view_as_real(device_params, device_grads, device_exp_avgs, device_exp_avg_sqs)
 
@@ -256,7 +258,7 @@ def multi_tensor_adamw(
                 scratch = arena.flat("uhat", biggest, device_params[0].device, dtype)
             for k in todo:
                 m = device_exp_avgs[k]
-                buf = scratch[: m.numel()].view(m.shape) if scratch is not None and m.dtype == scratch.dtype else None
+                buf = scratch[: m.numel()].view(m.shape) if scratch is not None else None
                 u = _uhat_raw(m, denoms[k], vhats[k], bias_correction2_sqrt[k], eps, out=buf)
                 out[positions[k]] = _scaled(reduce3(device_params[k], u), bias_correction1[k])
 
@@ -335,15 +337,21 @@ def delegated_adamw(
     with torch.no_grad():
         b1 = float(beta1) if not isinstance(beta1, Tensor) else beta1.detach().double()
         b2 = float(beta2) if not isinstance(beta2, Tensor) else beta2.detach().double()
+        scratch = None
+        if arena is not None and snaps:
+            biggest = max(s.numel() for s in snaps)
+            scratch = arena.flat("uhat", biggest, snaps[0].device, reduction_dtype(snaps[0].dtype))
         for i, snap in zip(todo, snaps, strict=True):
             m, v = exp_avgs[i].detach(), (max_exp_avg_sqs[i] if amsgrad else exp_avg_sqs[i]).detach()
             if torch.is_complex(m):
                 m, v = torch.view_as_real(m), torch.view_as_real(v)
+            usable = scratch is not None and scratch.dtype == reduction_dtype(m.dtype)
+            buf = scratch[: m.numel()].view(m.shape) if usable else None
             step = state_steps[i].detach().to(device=m.device, dtype=torch.float64)
             if isinstance(b1, Tensor):
                 b1, b2 = b1.to(m.device), b2.to(m.device)
             bc1 = 1 - b1**step
             bc2_sqrt = (1 - b2**step).sqrt().to(reduction_dtype(m.dtype))
-            u = _uhat_raw(m, None, v, bc2_sqrt, eps)
+            u = _uhat_raw(m, None, v, bc2_sqrt, eps, out=buf)
             out[i] = _scaled(reduce3(snap, u), bc1)
     return out

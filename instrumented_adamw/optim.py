@@ -168,9 +168,7 @@ class InstrumentedAdamW(torch.optim.AdamW):
     @_use_grad_for_differentiable
     def step(self, closure=None):
         """Perform one AdamW step and, on tracked steps, fold its forces into the device-side tables."""
-        check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
-            self, "_cuda_graph_capture_health_check"
-        )
+        check = getattr(self, "_accelerator_graph_capture_health_check", None) or self._cuda_graph_capture_health_check
         check()
 
         loss = None
@@ -190,9 +188,7 @@ class InstrumentedAdamW(torch.optim.AdamW):
             exp_avg_sqs: list[Tensor] = []
             max_exp_avg_sqs: list[Tensor] = []
             state_steps: list[Tensor] = []
-            has_complex = self._init_group(
-                group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
-            )
+            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
             if not params:
                 continue
             tracked = [measuring and id(p) in self._rows for p in params]
@@ -200,16 +196,26 @@ class InstrumentedAdamW(torch.optim.AdamW):
             lr = group["lr"]
             weight_decay = self._effective_weight_decay(group)
             lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, tracked)
-            common = dict(amsgrad=group["amsgrad"], lr=lr, weight_decay=weight_decay, eps=group["eps"],
-                          maximize=group["maximize"])
+            common = dict(
+                amsgrad=group["amsgrad"], lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=group["maximize"]
+            )
 
             path = self._path(group, params)
             arena = self._arena if params[0].device.type == "cpu" else None
             if path == "delegated":
                 reductions = delegated_adamw(
-                    *lists, has_complex=has_complex, beta1=beta1, beta2=beta2, foreach=group["foreach"],
-                    capturable=group["capturable"], differentiable=group["differentiable"], fused=group["fused"],
-                    grad_scale=grad_scale, found_inf=found_inf, arena=arena, **common,
+                    *lists,
+                    has_complex=has_complex,
+                    beta1=beta1,
+                    beta2=beta2,
+                    foreach=group["foreach"],
+                    capturable=group["capturable"],
+                    differentiable=group["differentiable"],
+                    fused=group["fused"],
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
+                    arena=arena,
+                    **common,
                 )
                 skip = found_inf
             elif path == "foreach":

@@ -1,11 +1,9 @@
 """Accurate, allocation-light inner products for the force reductions.
 
-Why not ``torch.dot``: on CPU it accumulates a 25M-element fp32 dot product with a relative error of ~5e-5, and
-``linalg.vector_norm`` in fp32 reached 5e-3 on the same data. Why not ``(a * b).sum(dtype=float64)``: it allocates
-a full-size product and upcasts element by element (23x slower than ``dot``). A row-blocked batched matmul sums
-``ROW`` products in fp32 (short sums, so accurate) and then adds the per-row results in float64; measured relative
-error <= 2e-9 against a float64 dot at 25M elements, at ~40% of the cost of one elementwise op. See
-``docs/benchmarks.md``.
+Measured by ``bench/reductions_cpu.py`` on one Pythia-70M embedding (25.8M fp32 elements, 2 CPU threads; see
+``docs/benchmarks.md``): ``torch.dot`` in fp32 takes 4 ms but is off by 2.4e-6 relative; ``(w*u).sum(dtype=float64)``
+is exact to 5e-13 but takes 115 ms. A row-blocked batched matmul sums ``ROW`` products in fp32 (short sums, so
+accurate) and adds the per-row results in float64: 10 ms at 2.2e-10 relative error, with no full-size temporary.
 """
 
 from __future__ import annotations

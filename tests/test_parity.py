@@ -20,7 +20,6 @@ import itertools
 import numpy as np
 import pytest
 import torch
-
 from helpers import SHAPES, reference_reductions, set_grads, twin_optimizers
 
 PATHS = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
@@ -78,9 +77,7 @@ def assert_same_state(ref, ours, pa, pb):
             assert torch.equal(sa[k], sb[k]), f"state {k} of {n} differs"
 
 
-CASES = list(
-    itertools.product(PATHS, [False, True], [False, True], [0.0, 0.01, 0.2], [torch.float32, torch.bfloat16])
-)
+CASES = list(itertools.product(PATHS, [False, True], [False, True], [0.0, 0.01, 0.2], [torch.float32, torch.bfloat16]))
 
 
 @pytest.mark.parametrize(("path", "amsgrad", "maximize", "weight_decay", "dtype"), CASES)

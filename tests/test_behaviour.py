@@ -1,0 +1,324 @@
+"""Drop-in behaviour: names, intervals, state dicts, schedulers, GradScaler, bad input, options."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_params, param_groups, set_grads, twin_optimizers
+
+from instrumented_adamw import LAST_KEYS, InstrumentedAdamW
+
+
+def run(opt, params, steps, start=0):
+    for s in range(start, start + steps):
+        set_grads(params, s)
+        opt.step()
+
+
+def test_named_parameters_keep_names_and_plain_params_get_stable_names():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    opt = InstrumentedAdamW(model.named_parameters())
+    assert opt.tracked_names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    plain = InstrumentedAdamW([{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}])
+    assert plain.tracked_names == ["group0.param0", "group0.param1", "group1.param0", "group1.param1"]
+
+
+def test_last_forces_contract():
+    params = make_params()
+    opt = InstrumentedAdamW(param_groups(params, 0.05))
+    run(opt, params, 3)
+    d = opt.last_forces().to_dict()
+    assert set(d) == set(params)
+    for row in d.values():
+        assert set(row) == set(LAST_KEYS)
+        assert all(isinstance(v, float) for v in row.values())
+        assert row["inject"] >= 0 and row["decay"] <= 0
+        assert row["align"] == pytest.approx(-2 * row["lr"] * row["w_dot_u"])
+        assert row["decay"] == pytest.approx(-2 * row["lr"] * row["weight_decay"] * row["w_sq"])
+    assert d["enc.weight"]["lr"] == 1e-2 and d["dec.weight"]["weight_decay"] == pytest.approx(0.1)
+
+
+def test_interval_sums_equal_sum_of_steps_and_reset_is_clean():
+    params = make_params()
+    opt = InstrumentedAdamW(param_groups(params, 0.01))
+    per_step = []
+    for s in range(7):
+        set_grads(params, s)
+        opt.step()
+        per_step.append(opt.last_forces().last[:, :7].copy())
+    r = opt.read_forces(reset=True)
+    np.testing.assert_allclose(r.interval, np.sum(per_step, axis=0), rtol=1e-12)
+    assert (r.steps == 7).all() and (r.nonfinite_steps == 0).all()
+    # Reading again right away: empty interval, last step kept.
+    r2 = opt.read_forces()
+    assert (r2.steps == 0).all() and not r2.interval.any()
+    np.testing.assert_array_equal(r2.last, r.last)
+    # The next interval starts from zero.
+    set_grads(params, 7)
+    opt.step()
+    r3 = opt.read_forces()
+    np.testing.assert_allclose(r3.interval, r3.last[:, :7], rtol=0)
+    assert (r3.steps == 1).all()
+
+
+def test_interval_residual_closes_over_many_steps():
+    params = make_params(torch.float64)
+    opt = InstrumentedAdamW(param_groups(params, 0.1))
+    opt.read_forces()
+    run(opt, params, 25)
+    r = opt.read_forces()
+    budget = np.abs(r.interval[:, 3:7]).sum(axis=1)
+    assert (np.abs(r.residual) <= 1e-9 * budget).all()
+
+
+@pytest.mark.parametrize("flags", [{"foreach": False}, {"foreach": True}, {"fused": True}])
+def test_state_dict_round_trip_both_ways(flags):
+    pa, ref, pb, ours = twin_optimizers(flags)
+    run(ref, pa, 5)
+    run(ours, pb, 5)
+    # torch -> ours
+    pc = make_params()
+    for a, c in zip(pa.values(), pc.values(), strict=True):
+        c.data.copy_(a.data)
+    loaded = InstrumentedAdamW(param_groups(pc, 0.01), **flags)
+    loaded.load_state_dict(copy.deepcopy(ref.state_dict()))  # as if saved to disk
+    run(ref, pa, 5, start=5)
+    run(loaded, pc, 5, start=5)
+    for a, c in zip(pa.values(), pc.values(), strict=True):
+        assert torch.equal(a, c)
+    assert (loaded.read_forces().steps == 5).all()
+    # ours -> torch
+    pd = make_params()
+    for b, d in zip(pb.values(), pd.values(), strict=True):
+        d.data.copy_(b.data)
+    back = torch.optim.AdamW(param_groups(pd, 0.01, named=False), **flags)
+    back.load_state_dict(copy.deepcopy(ours.state_dict()))
+    run(ours, pb, 5, start=5)
+    run(back, pd, 5, start=5)
+    for b, d in zip(pb.values(), pd.values(), strict=True):
+        assert torch.equal(b, d)
+    assert set(ours.state_dict()["state"][0]) == set(ref.state_dict()["state"][0])
+
+
+def test_lr_scheduler_drives_the_forces():
+    pa, ref, pb, ours = twin_optimizers({"foreach": False})
+    sched_ref = torch.optim.lr_scheduler.LambdaLR(ref, lambda s: 1.0 / (1 + s))
+    sched = torch.optim.lr_scheduler.LambdaLR(ours, lambda s: 1.0 / (1 + s))
+    for s in range(6):
+        set_grads(pa, s)
+        set_grads(pb, s)
+        ref.step()
+        ours.step()
+        last = ours.last_forces().to_dict()["enc.weight"]
+        assert last["lr"] == pytest.approx(1e-2 / (1 + s))
+        sched_ref.step()
+        sched.step()
+    for a, b in zip(pa.values(), pb.values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_skipped_steps_record_nothing(fused):
+    def make(cls, **kw):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 4)
+        return model, cls(model.parameters(), lr=1e-2, fused=fused, **kw)
+
+    m_ref, o_ref = make(torch.optim.AdamW)
+    m, opt = make(InstrumentedAdamW)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**8) for _ in range(2)]
+    x = torch.randn(8, 16)
+    for step in range(4):
+        for model, o, scaler in ((m_ref, o_ref, scalers[0]), (m, opt, scalers[1])):
+            o.zero_grad()
+            loss = model(x).pow(2).mean()
+            if step == 2:
+                loss = loss * float("inf")  # overflow: GradScaler must skip this step
+            scaler.scale(loss).backward()
+            scaler.step(o)
+            scaler.update()
+    for a, b in zip(m_ref.parameters(), m.parameters(), strict=True):
+        assert torch.equal(a, b)
+    r = opt.read_forces()
+    assert (r.steps == 3).all(), r.steps  # 4 calls, one skipped
+    assert (r.nonfinite_steps == 0).all()
+    assert np.isfinite(r.interval).all()
+
+
+def test_nonfinite_gradients_step_like_torch_and_are_marked():
+    pa, ref, pb, ours = twin_optimizers({"foreach": False})
+    run(ref, pa, 3)
+    run(ours, pb, 3)
+    for params in (pa, pb):
+        set_grads(params, 3)
+        params["enc.bias"].grad[0] = float("nan")
+    ref.step()
+    ours.step()
+    for a, b in zip(pa.values(), pb.values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    r = ours.read_forces()
+    i = r.index("enc.bias")
+    assert r.nonfinite_steps[i] == 1 and r.steps[i] == 3 and not r.last_finite[i]
+    assert math.isnan(r.to_dict()["enc.bias"]["w_dot_u"])
+    assert np.isfinite(r.interval[i]).all()  # NaN kept out of the integral
+    j = r.index("enc.weight")
+    assert r.steps[j] == 4 and r.last_finite[j]
+
+
+def test_sparse_gradients_raise_like_torch():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = InstrumentedAdamW(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_parameter_in_two_groups_raises_like_torch():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        InstrumentedAdamW([{"params": [p]}, {"params": [p]}])
+
+
+@pytest.mark.parametrize("flags", [{"foreach": False}, {"foreach": True}, {"fused": True}])
+def test_zero_size_frozen_and_gradless_params(flags):
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(0, 4)), torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(5))]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ref = torch.optim.AdamW(ps, **flags)
+    ours = InstrumentedAdamW(qs, **flags)
+    for group in (ps, qs):
+        group[0].grad = torch.zeros(0, 4)
+        group[1].grad = torch.ones(6)  # group[2] gets no gradient (frozen / unused)
+    ref.step()
+    ours.step()
+    for a, b in zip(ps, qs, strict=True):
+        assert torch.equal(a, b)
+    r = ours.read_forces()
+    assert list(r.steps) == [1, 1, 0]
+    assert r.last[0, 2] == 0.0 and np.isfinite(r.last[0]).all()  # zero-size: all reductions 0
+    assert len(ours.state) == len(ref.state) == 2
+
+
+def test_complex_params_with_fused_raise_like_torch():
+    p, q = (torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64)) for _ in range(2))
+    p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.optim.AdamW([p], fused=True).step()
+    with pytest.raises(RuntimeError, match="floating point"):
+        InstrumentedAdamW([q], fused=True).step()
+
+
+@pytest.mark.parametrize("flags", [{"foreach": False}, {"foreach": True}])
+def test_complex_params_reduce_on_real_view(flags):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(40, dtype=torch.complex64))
+    q = torch.nn.Parameter(p.detach().clone())
+    ref, ours = torch.optim.AdamW([p], lr=1e-2, **flags), InstrumentedAdamW([q], lr=1e-2, **flags)
+    for s in range(5):
+        g = torch.randn(40, dtype=torch.complex64, generator=torch.Generator().manual_seed(s))
+        p.grad, q.grad = g.clone(), g.clone()
+        pre = q.detach().clone()
+        ref.step()
+        ours.step()
+        assert torch.equal(p, q)
+        last = ours.last_forces().last[0]
+        assert last[2] == pytest.approx(pre.abs().pow(2).sum().item(), rel=1e-6)
+        actual = (q.detach().abs().double().pow(2).sum() - pre.abs().double().pow(2).sum()).item()
+        assert actual == pytest.approx(last[3:7].sum(), abs=2 * 2**-23 * q.abs().pow(2).sum().item())
+
+
+def test_closure_and_tensor_lr():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1)
+    twin = torch.nn.Linear(5, 1)
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(16, 5), torch.randn(16, 1)
+    ours = InstrumentedAdamW(model.parameters(), lr=torch.tensor(0.01), foreach=False)
+    ref = torch.optim.AdamW(twin.parameters(), lr=torch.tensor(0.01), foreach=False)
+    for m, o in ((model, ours), (twin, ref)):
+
+        def closure(m=m, o=o):
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            return loss
+
+        losses = [o.step(closure).item() for _ in range(3)]
+    assert losses[-1] < losses[0]
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert ours.last_forces().to_dict()["group0.param0"]["lr"] == pytest.approx(0.01)
+
+
+def test_track_every_and_filter_and_off():
+    params = make_params()
+    opt = InstrumentedAdamW(param_groups(params, 0.01), track_every=3, track_filter=lambda n: "weight" in n)
+    assert opt.tracked_names == ["enc.weight", "dec.weight", "norm.weight"]
+    run(opt, params, 7)  # calls 1, 4, 7 are measured
+    assert (opt.read_forces().steps == 3).all()
+    off = InstrumentedAdamW(param_groups(make_params(), 0.01), track=False)
+    run(off, make_params(), 1)
+    assert (off.read_forces().steps == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"track_every": 0}, "track_every"),
+        ({"track_every": 1.5}, "track_every"),
+        ({"weight_decay_schedule": "cosine"}, "weight_decay_schedule"),
+        ({"lr": -1.0}, "learning rate"),
+        ({"betas": (1.0, 0.9)}, "beta"),
+    ],
+)
+def test_bad_hyperparameters_name_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        InstrumentedAdamW([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_capturable_on_cpu_raises_like_torch():
+    p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    p.grad = q.grad = torch.ones(3)
+    with pytest.raises(Exception) as torch_err:
+        torch.optim.AdamW([p], capturable=True).step()
+    with pytest.raises(type(torch_err.value), match="capturable"):
+        InstrumentedAdamW([q], capturable=True).step()
+
+
+def test_differentiable_matches_torch():
+    torch.manual_seed(0)
+    base = torch.randn(12, requires_grad=True)
+    outs = []
+    for cls in (torch.optim.AdamW, InstrumentedAdamW):
+        p = base.clone()  # non-leaf: differentiable steps update it in place under autograd
+        p.retain_grad()
+        p.grad = torch.linspace(-1, 1, 12)
+        opt = cls([p], lr=0.1, differentiable=True)
+        opt.step()
+        (p * p).sum().backward()
+        outs.append((p.detach().clone(), base.grad.clone()))
+        base.grad = None
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_step_never_synchronises_with_the_device():
+    """On CPU we can check the mechanism: no read of device data into Python during step()."""
+    params = make_params()
+    opt = InstrumentedAdamW(param_groups(params, 0.01), foreach=True)
+    set_grads(params, 0)
+    opt.step()
+    calls = []
+    original = torch.Tensor.item
+    torch.Tensor.item = lambda self: calls.append(self.device) or original(self)  # type: ignore[method-assign]
+    try:
+        set_grads(params, 1)
+        opt.step()
+    finally:
+        torch.Tensor.item = original  # type: ignore[method-assign]
+    # torch itself reads the CPU-hosted step counters; nothing else may be read.
+    assert all(d.type == "cpu" for d in calls)
+    assert len(calls) <= 2 * len(params)
