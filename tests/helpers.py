@@ -12,12 +12,12 @@ SHAPES = {"enc.weight": (37, 130), "enc.bias": (37,), "dec.weight": (64, 128), "
 GROUPS = ({"names": ("enc.weight", "enc.bias"), "lr": 1e-2}, {"names": ("dec.weight", "norm.weight"), "lr": 3e-3})
 
 
-def make_params(dtype=torch.float32, seed=0) -> dict[str, torch.nn.Parameter]:
+def make_params(dtype=torch.float32, seed=0, device="cpu") -> dict[str, torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, shape in SHAPES.items():
         base = torch.ones(shape) if name == "norm.weight" else 0.02 * torch.randn(shape, generator=g)
-        out[name] = torch.nn.Parameter(base.to(dtype))
+        out[name] = torch.nn.Parameter(base.to(device=device, dtype=dtype))
     return out
 
 
@@ -40,12 +40,12 @@ def set_grads(params: dict[str, torch.nn.Parameter], step: int) -> None:
     g = torch.Generator().manual_seed(1000 + step)
     for p in params.values():
         noise = torch.randn(p.shape, generator=g)
-        p.grad = (0.5 * p.detach().float() - 0.01 + 0.05 * noise).to(p.dtype)
+        p.grad = (0.5 * p.detach().float() - 0.01 + 0.05 * noise.to(p.device)).to(p.dtype)
 
 
-def twin_optimizers(flags: dict, dtype=torch.float32, weight_decay=0.01, **ours_kw):
+def twin_optimizers(flags: dict, dtype=torch.float32, weight_decay=0.01, device="cpu", **ours_kw):
     """torch.optim.AdamW and InstrumentedAdamW on identical copies of the same parameters."""
-    pa, pb = make_params(dtype), make_params(dtype)
+    pa, pb = make_params(dtype, device=device), make_params(dtype, device=device)
     ref = torch.optim.AdamW(param_groups(pa, weight_decay, named=False), **flags)
     ours = InstrumentedAdamW(param_groups(pb, weight_decay), **flags, **ours_kw)
     return pa, ref, pb, ours
