@@ -16,7 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .forces import FORCES, QUANTITIES
 from .optim import InstrumentedAdamW
+
+ALIGN, INJECT, DECAY = (QUANTITIES.index(q) for q in ("align", "inject", "decay"))
+FORCE_COLUMNS = [QUANTITIES.index(f) for f in FORCES]
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ def lr_at(step: int, cfg: DemoConfig) -> float:
 
 def budget_shares(interval: np.ndarray) -> tuple[float, float, float]:
     """(align, inject, decay) shares in percent from summed interval forces (columns as QUANTITIES)."""
-    align, inject, decay = abs(interval[:, 3].sum()), interval[:, 4].sum(), np.abs(interval[:, 5]).sum()
+    align, inject, decay = abs(interval[:, ALIGN].sum()), interval[:, INJECT].sum(), np.abs(interval[:, DECAY]).sum()
     total = align + inject + decay
     return 100 * align / total, 100 * inject / total, 100 * decay / total
 
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     model = TinyLM(cfg)
     opt = InstrumentedAdamW(model.named_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     matrices = [n for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and n != "pos"]
+    n_el = sum(model.get_parameter(n).numel() for n in matrices)
     rows = None
     g = torch.Generator().manual_seed(cfg.seed)
     print(f"tiny LM: {sum(p.numel() for p in model.parameters()):,} params, {len(matrices)} weight matrices tracked")
@@ -114,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows = [r.index(n) for n in matrices]
             a, i, d = budget_shares(r.interval[rows])
             w_sq = r.w_sq_now[rows].sum()
-            n_el = sum(model.get_parameter(n).numel() for n in matrices)
-            resid = np.abs(r.residual[rows]).sum() / np.abs(r.interval[rows][:, 3:7]).sum()
+            resid = np.abs(r.residual[rows]).sum() / np.abs(r.interval[rows][:, FORCE_COLUMNS]).sum()
             print(
                 f"{step + 1:>5} {loss.item():>7.3f} {a:>7.1f} {i:>8.1f} {d:>7.1f} "
                 f"{np.sqrt(w_sq / n_el):>8.4f} {resid:>9.1e}"

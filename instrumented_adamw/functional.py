@@ -52,6 +52,10 @@ class Arena:
             self._buffers[key] = buf
         return buf[:numel]
 
+    def like(self, role: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """A view shaped like ``t`` in ``dtype``; one buffer per role is reused (and grown) across tensors."""
+        return self.flat(role, t.numel(), t.device, dtype).view(t.shape)
+
     def views(self, role: str, like: list[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
         """Contiguous views, one shaped like each tensor of ``like``, packed into one buffer."""
         if not like:
@@ -250,17 +254,11 @@ def multi_tensor_adamw(
 
         # Reductions on the pre-update W, before the decay and the step below touch it.
         todo = [k for k, pos in enumerate(positions) if tracked[pos]]
-        if todo:
-            scratch = None
-            if arena is not None:
-                biggest = max(device_params[k].numel() for k in todo)
-                dtype = reduction_dtype(device_params[0].dtype)
-                scratch = arena.flat("uhat", biggest, device_params[0].device, dtype)
-            for k in todo:
-                m = device_exp_avgs[k]
-                buf = scratch[: m.numel()].view(m.shape) if scratch is not None else None
-                u = _uhat_raw(m, denoms[k], vhats[k], bias_correction2_sqrt[k], eps, out=buf)
-                out[positions[k]] = _scaled(reduce3(device_params[k], u), bias_correction1[k])
+        for k in todo:
+            m = device_exp_avgs[k]
+            buf = arena.like("uhat", m, reduction_dtype(m.dtype)) if arena is not None else None
+            u = _uhat_raw(m, denoms[k], vhats[k], bias_correction2_sqrt[k], eps, out=buf)
+            out[positions[k]] = _scaled(reduce3(device_params[k], u), bias_correction1[k])
 
         if weight_decay != 0:
             torch._foreach_mul_(device_params, 1 - lr * weight_decay)
@@ -337,16 +335,11 @@ def delegated_adamw(
     with torch.no_grad():
         b1 = float(beta1) if not isinstance(beta1, Tensor) else beta1.detach().double()
         b2 = float(beta2) if not isinstance(beta2, Tensor) else beta2.detach().double()
-        scratch = None
-        if arena is not None and snaps:
-            biggest = max(s.numel() for s in snaps)
-            scratch = arena.flat("uhat", biggest, snaps[0].device, reduction_dtype(snaps[0].dtype))
         for i, snap in zip(todo, snaps, strict=True):
             m, v = exp_avgs[i].detach(), (max_exp_avg_sqs[i] if amsgrad else exp_avg_sqs[i]).detach()
             if torch.is_complex(m):
                 m, v = torch.view_as_real(m), torch.view_as_real(v)
-            usable = scratch is not None and scratch.dtype == reduction_dtype(m.dtype)
-            buf = scratch[: m.numel()].view(m.shape) if usable else None
+            buf = arena.like("uhat", m, reduction_dtype(m.dtype)) if arena is not None else None
             step = state_steps[i].detach().to(device=m.device, dtype=torch.float64)
             if isinstance(b1, Tensor):
                 b1, b2 = b1.to(m.device), b2.to(m.device)
