@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from instrumented_adamw.weibull import fit_weibull, half_normal_anchor, hazen_rank_range
+from instrumented_adamw.weibull import fit_weibull, fit_weibull_histogram, half_normal_anchor, hazen_rank_range
 
 
 def numpy_fit(w: np.ndarray, trim: float) -> tuple[float, float, float]:
@@ -95,3 +95,57 @@ def test_bad_input_is_named():
         fit_weibull(torch.randn(100), trim=0.6)
     with pytest.raises(ValueError, match="real tensor"):
         fit_weibull(torch.randn(10, dtype=torch.complex64))
+
+
+# ---------------------------------------------------------------------------------------------- histogram variant
+@pytest.mark.parametrize("sigma", [0.005, 0.02, 0.0536, 0.2])
+def test_histogram_variant_within_1e3_of_exact_on_half_normal(sigma):
+    w = sigma * torch.randn(1_000_000, generator=torch.Generator().manual_seed(7))
+    exact = fit_weibull(w)
+    hist = fit_weibull_histogram(w)
+    assert hist.k == pytest.approx(exact.k, abs=1e-3)
+    assert hist.lam == pytest.approx(exact.lam, rel=1e-3)
+    assert hist.n == pytest.approx(exact.n, abs=1)  # the kept band represents the same 80% of the elements
+
+
+def numpy_histogram_fit(w: np.ndarray, trim: float) -> tuple[float, float]:
+    """Independent numpy reading of the whole-bin ('midpoint') histogram protocol."""
+    a = np.abs(w.astype(np.float64))
+    a = a[a > 0]
+    counts, edges = np.histogram(np.log10(a), bins=1024, range=(-12.0, 2.0))
+    upper = np.cumsum(counts) / a.size
+    mid = upper - counts / (2 * a.size)
+    keep = (counts > 0) & (mid >= trim) & (mid <= 1 - trim)
+    x = np.log(10.0) * (edges[:-1] + edges[1:])[keep] / 2
+    y = np.log(-np.log1p(-mid[keep]))
+    k, b = np.polyfit(x, y, 1, w=np.sqrt(counts[keep]))
+    return k, math.exp(-b / k)
+
+
+def test_histogram_midpoint_matches_numpy_reading():
+    w = np.random.default_rng(5).standard_normal(300_000) * 0.03
+    k, lam = numpy_histogram_fit(w, 0.1)
+    fit = fit_weibull_histogram(torch.from_numpy(w), edge="midpoint")
+    assert fit.k == pytest.approx(k, rel=1e-9) and fit.lam == pytest.approx(lam, rel=1e-9)
+
+
+def test_histogram_out_of_range_is_not_silently_dropped():
+    w = torch.full((1000,), 1e3)  # every |w| above 1e2
+    with pytest.raises(ValueError, match="above 1e2"):
+        fit_weibull_histogram(w)
+    with pytest.raises(ValueError, match="edge"):
+        fit_weibull_histogram(torch.randn(100), edge="nearest")
+
+
+def test_large_matrix_fit_streams_in_chunks():
+    # Memory contract: a matrix larger than one chunk is fitted piecewise; the result equals the one-piece sort.
+    w = torch.randn(3000, 400, generator=torch.Generator().manual_seed(2)) * 0.02
+    assert fit_weibull(w, chunk=250_000).k == pytest.approx(fit_weibull(w).k, rel=1e-12)
+
+
+def test_int_and_bf16_inputs():
+    with pytest.raises(ValueError, match="floating-point"):
+        fit_weibull(torch.arange(10))
+    w = (0.02 * torch.randn(100_000, generator=torch.Generator().manual_seed(1))).to(torch.bfloat16)
+    ref = numpy_fit(w.float().numpy(), 0.1)
+    assert fit_weibull(w).k == pytest.approx(ref[0], rel=1e-9)

@@ -1,0 +1,306 @@
+"""The Weibull framework's diagnostics (F1–F8), on live modules, state dicts, safetensors files and HF directories.
+
+==== ==========================================  ===========================================================
+F1   :func:`fit_blocks`, :func:`pooled_fit`      one fit per weight matrix (canonical); pooled fits labelled
+F2   :func:`gamma_closure`                       σ_|w| vs λ√(Γ(1+2/k) − Γ²(1+1/k)); Γ-bridge vs measured λ/RMS
+F3   :func:`cross_family_band`                   median k per entry (model), band and CV across entries
+F4   :func:`lambda_scaling`                      λ vs √(η/λ_wd): Pearson r and the fit through the origin
+F5   :func:`k_drift`                             k − k₀ per block against the half-normal anchor
+F6   :func:`attention_architecture`              MHA / GQA / MQA from the head counts
+F7   :func:`paired_lambda_correlation`           e.g. λ_O vs λ_FFN_out across checkpoints
+F8   :func:`training_budget`                     T/τ = Σ η_t λ_t and its physical-state label
+==== ==========================================  ===========================================================
+
+Nothing here runs inside ``step()``: fits synchronise with the host once per matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .taxonomy import TRANSMISSION, ParamRole, classify_all, detect_family, family_for_model_type
+from .weibull import WeibullFit, fit_weibull, half_normal_anchor
+
+
+# ---------------------------------------------------------------------------------------------- loading
+@dataclass
+class Weights:
+    """Named tensors plus what is known of the model: its HF config (``{}`` if none) and where it came from."""
+
+    tensors: dict[str, Tensor]
+    config: dict[str, Any] = field(default_factory=dict)
+    source: str = "<tensors>"
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    def roles(self) -> dict[str, ParamRole]:
+        return classify_all(self.tensors, self.model_type)
+
+
+class HubUnavailableError(RuntimeError):
+    """A hub id was given but the Hugging Face hub cannot be reached (or HF_HUB_OFFLINE is set)."""
+
+
+def load_weights(source: nn.Module | Mapping[str, Tensor] | str | os.PathLike, revision: str | None = None) -> Weights:
+    """Weights from a live module, a state dict, a ``.safetensors`` / ``.pt`` / ``.bin`` file, an HF model
+    directory (``config.json`` + safetensors shards or ``pytorch_model.bin``), or an HF hub id (``org/name``,
+    downloaded through ``huggingface_hub``; an unreachable hub raises :class:`HubUnavailableError` saying what to
+    do instead)."""
+    if isinstance(source, nn.Module):
+        config = source.config.to_dict() if hasattr(source, "config") and hasattr(source.config, "to_dict") else {}
+        tensors = {n: p.detach() for n, p in source.named_parameters()}
+        return Weights(tensors, config, f"<{type(source).__name__}>")
+    if isinstance(source, Mapping):
+        return Weights({n: t.detach() for n, t in source.items() if isinstance(t, Tensor)}, {}, "<state dict>")
+    path = Path(source)
+    if path.is_dir():
+        return _load_directory(path)
+    if path.is_file():
+        return Weights(_load_file(path), {}, str(path))
+    text = str(source)
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        return _load_directory(_download(text, revision), hub_id=text)
+    raise FileNotFoundError(f"{text!r} is neither a file, a directory, nor a hub id of the form 'org/name'")
+
+
+def _load_file(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if path.suffix in (".pt", ".pth", ".bin"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+            obj = obj["model"]  # a training checkpoint that nests the state dict
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+        return {n: t for n, t in obj.items() if isinstance(t, Tensor)}
+    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .safetensors, .pt, .pth or .bin")
+
+
+def _load_directory(path: Path, hub_id: str | None = None) -> Weights:
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no *.safetensors or pytorch_model*.bin weights")
+    tensors: dict[str, Tensor] = {}
+    for f in files:
+        tensors.update(_load_file(f))
+    return Weights(tensors, config, hub_id or str(path))
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as exc:  # the hub raises several types (offline mode, connection, 404): all mean "not here"
+        raise HubUnavailableError(
+            f"could not fetch {repo_id!r} (revision {revision or 'main'}) from the Hugging Face hub: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. On a machine with network, run "
+            f"`hf download {repo_id} --local-dir DIR` (or save_pretrained to DIR) and pass DIR instead."
+        ) from exc
+    return Path(local)
+
+
+# ---------------------------------------------------------------------------------------------- F1
+@dataclass(frozen=True)
+class BlockFit:
+    """A fit of one weight matrix (``pooled=False``) or of several pooled together (``name`` says which)."""
+
+    name: str
+    layer: int | None
+    component: str | None
+    cls: str
+    shape: tuple[int, ...]
+    fit: WeibullFit
+    pooled: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(
+            name=self.name,
+            layer=self.layer,
+            component=self.component,
+            cls=self.cls,
+            shape=list(self.shape),
+            pooled=self.pooled,
+            **self.fit.to_dict(),
+        )
+
+
+def fit_blocks(
+    source, trim: float = 0.1, classes: Iterable[str] | None = None, include_vectors: bool = False
+) -> list[BlockFit]:
+    """F1: one mid-(1−2·trim) fit per weight matrix (≥ 2-D; ``include_vectors`` adds biases and norms).
+
+    Tensors that cannot be fitted (constant, all-zero, integer) are skipped with a warning that names them."""
+    weights = source if isinstance(source, Weights) else load_weights(source)
+    wanted = set(classes) if classes is not None else None
+    out = []
+    for name, role in weights.roles().items():
+        t = weights.tensors[name]
+        if (t.ndim < 2 and not include_vectors) or (wanted is not None and role.cls not in wanted):
+            continue
+        try:
+            fit = fit_weibull(t, trim)
+        except ValueError as exc:  # integer buffers, all-zero or constant tensors (norms at init)
+            warnings.warn(f"fit_blocks: skipped {name}: {exc}", stacklevel=2)
+            continue
+        out.append(BlockFit(name, role.layer, role.component, role.cls, tuple(t.shape), fit))
+    return out
+
+
+def pooled_fit(source, cls: str = TRANSMISSION, trim: float = 0.1) -> BlockFit:
+    """All matrices of one class in a single fit. Labelled ``pooled``: mixing matrices of different init scales
+    depresses k (a scale mixture), so per-block fits stay canonical."""
+    weights = source if isinstance(source, Weights) else load_weights(source)
+    roles = weights.roles().items()
+    parts = [weights.tensors[n].reshape(-1) for n, r in roles if r.cls == cls and weights.tensors[n].ndim >= 2]
+    if not parts:
+        raise ValueError(f"no {cls} matrices in {weights.source}")
+    flat = torch.cat([p.float() for p in parts])
+    return BlockFit(f"pooled:{cls}", None, None, cls, (flat.numel(),), fit_weibull(flat, trim), pooled=True)
+
+
+# ---------------------------------------------------------------------------------------------- F2
+def gamma_closure(fit: WeibullFit) -> dict[str, float]:
+    """F2: how Weibull-like |w| is. ``closure`` = measured σ_|w| / the σ a Weibull(k, λ) would have (1 for a
+    true Weibull); ``bridge`` = Γ-bridge λ / fitted λ (1 for a true Weibull, 0.8176/0.8875 = 0.921 at the
+    half-normal anchor)."""
+    return dict(
+        std_abs=fit.std_abs,
+        closure_std=fit.gamma_closure_std,
+        closure=fit.std_abs / fit.gamma_closure_std,
+        lam_over_rms=fit.lam_over_rms,
+        bridge_lam_over_rms=fit.gamma_bridge_lam / fit.rms,
+        bridge=fit.gamma_bridge_lam / fit.lam,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- F3
+@dataclass(frozen=True)
+class Band:
+    medians: dict[str, float]  # entry → median k of its blocks
+    low: float
+    high: float
+    cv: float  # std/mean of the medians (population std)
+
+
+def cross_family_band(entries: Mapping[str, Sequence[BlockFit]], cls: str = TRANSMISSION) -> Band:
+    """F3: median k of each entry's ``cls`` blocks (per-block fits only), and the band they span."""
+    medians = {}
+    for entry, fits in entries.items():
+        ks = [b.fit.k for b in fits if b.cls == cls and not b.pooled]
+        if not ks:
+            raise ValueError(f"entry {entry!r} has no per-block {cls} fits")
+        medians[entry] = float(np.median(ks))
+    values = np.array(list(medians.values()))
+    return Band(medians, float(values.min()), float(values.max()), float(values.std() / values.mean()))
+
+
+# ---------------------------------------------------------------------------------------------- F4
+@dataclass(frozen=True)
+class Scaling:
+    pearson_r: float  # λ against √(η/λ_wd)
+    slope: float  # c in λ ≈ c·√(η/λ_wd), least squares through the origin
+    r2_origin: float  # 1 − Σ(λ − c·s)² / Σλ² (uncentred, as for a fit through the origin)
+    n: int
+
+
+def lambda_scaling(lams: Sequence[float], lrs: Sequence[float], weight_decays: Sequence[float]) -> Scaling:
+    """F4: does terminal λ scale as √(η/λ_wd)? (Pythia: λ ≈ 0.087·√(η/λ_wd).)"""
+    lam, eta, wd = (np.asarray(v, dtype=np.float64) for v in (lams, lrs, weight_decays))
+    if not (lam.shape == eta.shape == wd.shape) or lam.size < 2:
+        raise ValueError(f"need ≥ 2 runs with matching lengths, got {lam.size} λ, {eta.size} η, {wd.size} λ_wd")
+    if np.any(eta <= 0) or np.any(wd <= 0):
+        raise ValueError("learning rates and weight decays must be positive")
+    s = np.sqrt(eta / wd)
+    c = float((lam * s).sum() / (s * s).sum())
+    r2 = 1.0 - float(((lam - c * s) ** 2).sum() / (lam * lam).sum())
+    return Scaling(float(np.corrcoef(lam, s)[0, 1]), c, r2, int(lam.size))
+
+
+# ---------------------------------------------------------------------------------------------- F5
+@dataclass(frozen=True)
+class Drift:
+    anchor: float
+    per_block: dict[str, float]  # name → k − anchor
+    median: float
+    max_abs: float
+
+
+def k_drift(fits: Sequence[BlockFit], trim: float = 0.1, cls: str | None = TRANSMISSION) -> Drift:
+    """F5: k of each block minus the half-normal anchor of the same protocol (k₀ = 1.2054 for mid-80)."""
+    anchor, _ = half_normal_anchor(trim)
+    per = {b.name: b.fit.k - anchor for b in fits if (cls is None or b.cls == cls) and not b.pooled}
+    if not per:
+        raise ValueError(f"no per-block fits of class {cls}")
+    d = np.array(list(per.values()))
+    return Drift(anchor, per, float(np.median(d)), float(np.abs(d).max()))
+
+
+# ---------------------------------------------------------------------------------------------- F6
+def attention_architecture(config: Mapping[str, Any]) -> dict[str, Any]:
+    """F6: MHA (one KV head per query head), MQA (one KV head), GQA (in between) from an HF config."""
+    heads = config.get("num_attention_heads", config.get("n_head"))
+    if heads is None:
+        raise ValueError("config has no num_attention_heads (or n_head); cannot tell the attention architecture")
+    kv = config.get("num_key_value_heads") or heads
+    if heads % kv:
+        raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    kind = "MHA" if kv == heads else "MQA" if kv == 1 else "GQA"
+    return dict(kind=kind, num_attention_heads=heads, num_key_value_heads=kv, group_size=heads // kv)
+
+
+# ---------------------------------------------------------------------------------------------- F7
+def paired_lambda_correlation(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """F7: Pearson r of two λ trajectories over the same checkpoints, and the slope of log λ_b on log λ_a."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.size < 3:
+        raise ValueError(f"need two trajectories of equal length ≥ 3, got {x.size} and {y.size}")
+    if np.any(x <= 0) or np.any(y <= 0):
+        raise ValueError("λ values must be positive")
+    slope = float(np.polyfit(np.log(x), np.log(y), 1)[0])
+    return dict(pearson_r=float(np.corrcoef(x, y)[0, 1]), log_slope=slope, n=int(x.size))
+
+
+# ---------------------------------------------------------------------------------------------- F8
+#: T/τ thresholds of the physical-state labels. τ = 1/(ηλ) is the decay time constant of ‖W‖; after T/τ = 1 the
+#: norm has relaxed by a factor e towards its equilibrium (Pythia-70M: 1.43, "saturated").
+BUDGET_LABELS = ((0.1, "transient"), (1.0, "relaxing"), (math.inf, "saturated"))
+
+
+def training_budget(lr: float | Sequence[float], weight_decay: float | Sequence[float], steps: int | None = None):
+    """F8: T/τ = Σ_t η_t λ_t (constant η, λ: T·η·λ) and its label: ``transient`` (< 0.1: decay has not acted),
+    ``relaxing`` (< 1), ``saturated`` (≥ 1: the norm has had time to reach its equilibrium)."""
+    if np.ndim(lr) == 0 and np.ndim(weight_decay) == 0:
+        if steps is None:
+            raise ValueError("constant lr and weight_decay need steps")
+        t_over_tau = float(steps) * float(lr) * float(weight_decay)
+    else:
+        lrs = np.asarray(lr, dtype=np.float64)
+        wds = np.broadcast_to(np.asarray(weight_decay, dtype=np.float64), lrs.shape)
+        t_over_tau = float((lrs * wds).sum())
+    label = next(lab for bound, lab in BUDGET_LABELS if t_over_tau < bound)
+    return dict(t_over_tau=t_over_tau, label=label)
+
+
+def family_of(weights: Weights) -> str | None:
+    """The naming family used for ``weights`` (from the config's model_type, else detected)."""
+    if weights.model_type is not None:
+        return family_for_model_type(weights.model_type)
+    return detect_family(weights.tensors)
