@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/python -m instrumented_adamw.demo
+	$(BIN)/python -m train configs/demo.yaml
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

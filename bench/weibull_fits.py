@@ -62,8 +62,10 @@ def main() -> None:
     model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**PYTHIA_70M))
     mats = [p.detach() for p in model.parameters() if p.ndim == 2]
     n_el = sum(m.numel() for m in mats)
-    print(f"{len(mats)} matrices, {n_el:,} elements; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"{len(mats)} matrices, {n_el:,} elements; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}"
+    )
 
     # Same numbers first: the speed comparison is between two implementations of one protocol.
     worst = max(abs(fit_weibull(m).k - numpy_fit(m.numpy())[0]) for m in mats)

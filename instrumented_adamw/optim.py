@@ -149,6 +149,13 @@ class InstrumentedAdamW(torch.optim.AdamW):
     def tracked_names(self) -> list[str]:
         return [n for stats in self._stats.values() for n in stats.names]
 
+    def tracked_parameters(self) -> list[tuple[str, Tensor]]:
+        """(name, parameter) of every tracked tensor, in the row order of :meth:`read_forces`."""
+        out = []
+        for device, stats in self._stats.items():
+            out.extend(zip(stats.names, self._tracked_params[device], strict=True))
+        return out
+
     def _effective_weight_decay(self, group: dict[str, Any]):
         wd = group["weight_decay"]
         if self._wd_schedule == "lr":

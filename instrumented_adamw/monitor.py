@@ -1,0 +1,182 @@
+"""``ForceMonitor``: two lines in any training loop turn the optimizer's force tables into logged records.
+
+    monitor = ForceMonitor(opt, model, sinks=[JsonlSink(run_dir)], log_every=10, weibull_every=250)
+    ...
+    opt.step()
+    monitor.step(step, loss=loss)    # after the optimizer step; does nothing between log steps
+
+On a log step it reads the interval-integrated forces (one device→host transfer), aggregates them per class
+(Transmission / Selection / QKV / V / Other / unclassified), per layer and per tensor, and writes:
+
+* ``metrics``: flat scalars — whatever the caller passes (``loss``, ``lr``, ...) plus, per class,
+  ``<cls>/align_share``, ``<cls>/inject_share``, ``<cls>/decay_share`` (paper definition
+  ``|ΣF_a| / (|ΣF_a| + ΣF_i + Σ|F_d|)`` over the interval), ``<cls>/rms``, ``<cls>/net`` (Σ of all four forces),
+  ``<cls>/cos_w_u`` (cos(W, û) of the last step) and ``<cls>/rel_residual`` (closure residual over the budget);
+* ``forces``: the same per class, per layer and (``per_tensor=True``) per tensor, with the raw interval sums;
+* ``weibull`` (every ``weibull_every`` steps): per-block fits of every tracked weight matrix, and per-class
+  medians of k and λ in ``metrics``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .forces import QUANTITIES, ForceReadout
+from .sinks import FanOut, Sink
+from .taxonomy import classify_all
+from .weibull import fit_weibull
+
+_COL = {q: i for i, q in enumerate(QUANTITIES)}
+
+
+def shares(align: float, inject: float, decay: float) -> tuple[float, float, float]:
+    """(align, inject, decay) shares of the budget ``|F_a| + F_i + |F_d|`` (NaN when the budget is zero)."""
+    total = abs(align) + abs(inject) + abs(decay)
+    if total == 0:
+        return math.nan, math.nan, math.nan
+    return abs(align) / total, abs(inject) / total, abs(decay) / total
+
+
+def aggregate(readout: ForceReadout, rows: np.ndarray, numel: np.ndarray) -> dict[str, float]:
+    """Interval totals of a set of tensors (``rows`` of the read-out) and the derived shares, RMS and residual."""
+    interval = readout.interval[rows].sum(axis=0)
+    out = {q: float(interval[_COL[q]]) for q in QUANTITIES}
+    a, i, d = shares(out["align"], out["inject"], out["decay"])
+    budget = abs(out["align"]) + out["inject"] + abs(out["decay"])
+    w_sq_now = float(readout.w_sq_now[rows].sum())
+    last = readout.last[rows]
+    wu, uu, ww = last[:, 0].sum(), last[:, 1].sum(), last[:, 2].sum()
+    out.update(
+        align_share=a,
+        inject_share=i,
+        decay_share=d,
+        net=out["align"] + out["inject"] + out["decay"] + out["higher_order"],
+        w_sq_now=w_sq_now,
+        rms=math.sqrt(w_sq_now / numel[rows].sum()) if numel[rows].sum() else math.nan,
+        cos_w_u=float(wu / math.sqrt(uu * ww)) if uu > 0 and ww > 0 else math.nan,
+        residual=float(np.nansum(readout.residual[rows])),
+        rel_residual=float(np.nansum(np.abs(readout.residual[rows])) / budget) if budget > 0 else math.nan,
+        steps=int(readout.steps[rows].max()) if len(rows) else 0,
+        nonfinite_steps=int(readout.nonfinite_steps[rows].max()) if len(rows) else 0,
+    )
+    return out
+
+
+class ForceMonitor:
+    """Reads, aggregates and logs an :class:`InstrumentedAdamW`'s forces on log steps; fits Weibulls periodically.
+
+    Args:
+        optimizer: the ``InstrumentedAdamW`` (tracking on).
+        model: optional; its ``config.model_type`` (HF models) picks the naming table of the taxonomy.
+        sinks: where records go (e.g. ``[JsonlSink(run_dir), WandbSink(...)]``); the first must not fail.
+        log_every: read and log every N steps (the read is the only host synchronisation).
+        weibull_every: per-block Weibull fits every N steps (0 = never).
+        per_tensor: include per-tensor entries in the ``forces`` records.
+        model_type: overrides the model's ``config.model_type``.
+    """
+
+    def __init__(
+        self,
+        optimizer,
+        model: nn.Module | None = None,
+        sinks: Iterable[Sink] = (),
+        *,
+        log_every: int = 10,
+        weibull_every: int = 0,
+        per_tensor: bool = True,
+        model_type: str | None = None,
+        trim: float = 0.1,
+    ) -> None:
+        if not hasattr(optimizer, "read_forces"):
+            raise TypeError(f"ForceMonitor needs an InstrumentedAdamW, got {type(optimizer).__name__}")
+        if log_every < 1 or weibull_every < 0:
+            raise ValueError(f"log_every must be >= 1 and weibull_every >= 0, got {log_every}, {weibull_every}")
+        self.optimizer = optimizer
+        self.sinks = FanOut(sinks)
+        self.log_every, self.weibull_every, self.per_tensor, self.trim = log_every, weibull_every, per_tensor, trim
+        if model_type is None and model is not None:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+        params = optimizer.tracked_parameters()
+        self.names = [n for n, _ in params]
+        if not self.names:
+            raise ValueError("the optimizer tracks no tensors (track=False or a track_filter that matches nothing)")
+        self.roles = classify_all(self.names, model_type)
+        self._params = dict(params)
+        self._numel = np.array([p.numel() for _, p in params], dtype=np.float64)
+        self._classes: dict[str, np.ndarray] = {}
+        self._layers: dict[int, np.ndarray] = {}
+        for i, n in enumerate(self.names):
+            role = self.roles[n]
+            self._classes.setdefault(role.cls, []).append(i)  # type: ignore[arg-type]
+            if role.layer is not None:
+                self._layers.setdefault(role.layer, []).append(i)  # type: ignore[arg-type]
+        self._classes = {k: np.array(v) for k, v in self._classes.items()}
+        self._layers = {k: np.array(v) for k, v in sorted(self._layers.items())}
+        self.last_record: dict[str, Any] | None = None
+
+    def step(self, step: int, **scalars: float) -> dict[str, Any] | None:
+        """Call after ``optimizer.step()`` with the number of steps done; logs on multiples of ``log_every``."""
+        record = None
+        if step % self.log_every == 0:
+            record = self.log(step, **scalars)
+        if self.weibull_every and step % self.weibull_every == 0:
+            self.fit(step)
+        return record
+
+    def log(self, step: int, **scalars: float) -> dict[str, Any]:
+        """Read the forces now (resetting the interval) and write ``metrics`` and ``forces`` records."""
+        readout = self.optimizer.read_forces(reset=True)
+        classes = {c: aggregate(readout, rows, self._numel) for c, rows in self._classes.items()}
+        layers = {str(k): aggregate(readout, rows, self._numel) for k, rows in self._layers.items()}
+        metrics: dict[str, Any] = {k: float(v) for k, v in scalars.items()}
+        metrics["time"] = time.time()
+        for c, agg in classes.items():
+            for key in ("align_share", "inject_share", "decay_share", "rms", "net", "cos_w_u", "rel_residual"):
+                metrics[f"{c}/{key}"] = agg[key]
+        forces: dict[str, Any] = dict(time=metrics["time"], classes=classes, layers=layers)
+        if self.per_tensor:
+            tensors = {}
+            for i, name in enumerate(self.names):
+                agg = aggregate(readout, np.array([i]), self._numel)
+                role = self.roles[name]
+                tensors[name] = dict(agg, cls=role.cls, layer=role.layer, component=role.component)
+            forces["tensors"] = tensors
+        self.sinks.log("metrics", metrics, step)
+        self.sinks.log("forces", forces, step)
+        self.last_record = metrics
+        return metrics
+
+    @torch.no_grad()
+    def fit(self, step: int) -> dict[str, Any]:
+        """Per-block Weibull fits of every tracked ≥ 2-D tensor; writes a ``weibull`` record."""
+        blocks = []
+        for name in self.names:
+            p = self._params[name]
+            if p.ndim < 2:
+                continue
+            role = self.roles[name]
+            try:
+                fit = fit_weibull(p, self.trim)
+            except ValueError:
+                continue  # constant or all-zero matrix: nothing to fit, nothing logged for it this time
+            blocks.append(dict(fit.to_dict(), name=name, layer=role.layer, component=role.component, cls=role.cls))
+        record: dict[str, Any] = dict(time=time.time(), trim=self.trim, blocks=blocks)
+        summary = {}
+        for cls in sorted({b["cls"] for b in blocks}):
+            ks = [b["k"] for b in blocks if b["cls"] == cls]
+            lams = [b["lam"] for b in blocks if b["cls"] == cls]
+            summary[f"weibull/{cls}/k_median"] = float(np.median(ks))
+            summary[f"weibull/{cls}/lam_median"] = float(np.median(lams))
+        record["summary"] = summary
+        self.sinks.log("weibull", record, step)
+        return record
+
+    def close(self) -> None:
+        self.sinks.close()

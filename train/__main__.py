@@ -1,0 +1,37 @@
+"""``python -m train CONFIG.yaml [section.field=value ...]``: one training run; prints where its outputs are."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, load_config
+from .data import DataUnavailableError
+from .models import PretrainedUnavailableError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="a YAML file in configs/ (e.g. configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. optim.lr=3e-3 run.seed=2")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    from .loop import summary_line, train
+
+    try:
+        run_dir = train(cfg)
+    except (DataUnavailableError, PretrainedUnavailableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(summary_line(run_dir))
+        print(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, forces.jsonl, weibull.jsonl, checkpoints/)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

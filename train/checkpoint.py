@@ -1,0 +1,80 @@
+"""Checkpoints: numbered weight snapshots for analysis, and one resume state that a killed run continues from.
+
+* ``checkpoints/step_XXXXXX/`` — ``save_pretrained`` output (``config.json`` + ``model.safetensors``), so every
+  snapshot is an HF model directory (``instrumented-adamw fit`` reads it); with ``save_optimizer`` also
+  ``optimizer.pt`` (the Adam moments).
+* ``resume/step_XXXXXX/`` + ``resume/latest.json`` — weights, optimizer state and RNG states. The directory is
+  complete before ``latest.json`` (written atomically) points at it, and older ones are deleted only after, so a
+  kill at any moment leaves a loadable resume state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def snapshot_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:06d}"
+
+
+def save_snapshot(run_dir: Path, step: int, model, optimizer=None) -> Path:
+    """Weights (safetensors, HF layout) of ``step``; the optimizer moments too when ``optimizer`` is given."""
+    final = snapshot_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def save_resume(run_dir: Path, step: int, model, optimizer) -> None:
+    root = run_dir / "resume"
+    target = root / f"step_{step:06d}"
+    tmp = root / f"step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # Tensors that share storage (tied embeddings) are saved once per name: clone to plain contiguous tensors.
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    rng = dict(cpu=torch.get_rng_state())
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(dict(optimizer=optimizer.state_dict(), rng=rng), tmp / "state.pt")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    pointer = root / "latest.json"
+    pointer_tmp = root / "latest.json.tmp"
+    pointer_tmp.write_text(json.dumps(dict(step=step, dir=target.name)))
+    os.replace(pointer_tmp, pointer)
+    for old in root.iterdir():
+        if old.is_dir() and old.name != target.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_resume_step(run_dir: Path) -> int | None:
+    pointer = run_dir / "resume" / "latest.json"
+    if not pointer.is_file():
+        return None
+    return int(json.loads(pointer.read_text())["step"])
+
+
+def load_resume(run_dir: Path, model, optimizer) -> int:
+    """Restore weights, optimizer state and RNG from the latest resume state; returns its step."""
+    info = json.loads((run_dir / "resume" / "latest.json").read_text())
+    state_dir = run_dir / "resume" / info["dir"]
+    weights = load_file(state_dir / "model.safetensors", device=str(next(model.parameters()).device))
+    model.load_state_dict(weights)
+    state = torch.load(state_dir / "state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(info["step"])

@@ -1,0 +1,342 @@
+"""Typed configuration tree: defaults < YAML file (with ``base:`` inheritance) < CLI ``a.b=value`` overrides.
+
+Every field is checked against its annotated type and range; an error names the field (``optim.lr``), the value
+and what would be valid. The resolved tree is written into the run directory as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt_neox"  # "gpt_neox" (Pythia) or "llama"
+    vocab_size: int = 50304
+    hidden_size: int = 512
+    num_layers: int = 6
+    num_heads: int = 8
+    num_kv_heads: int | None = None  # llama only; None = num_heads (MHA)
+    intermediate_size: int = 2048
+    max_position_embeddings: int = 2048
+    rotary_pct: float = 0.25  # gpt_neox: fraction of each head rotated (llama: always 1.0)
+    rope_theta: float = 10000.0
+    parallel_residual: bool = True  # gpt_neox
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    pretrained: str | None = None  # HF hub id or local HF directory to start from (continue-training runs)
+    revision: str | None = None  # hub revision of ``pretrained`` (e.g. "step143000")
+    compile: bool = False  # torch.compile the model
+
+    def validate(self) -> None:
+        _choice("model.arch", self.arch, ("gpt_neox", "llama"))
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            _positive(f"model.{name}", getattr(self, name))
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not a multiple of model.num_heads")
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ConfigError(f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads={kv}")
+        if not 0.0 < self.rotary_pct <= 1.0:
+            raise ConfigError(f"model.rotary_pct must be in (0, 1], got {self.rotary_pct}")
+        _positive("model.init_std", self.init_std)
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # "hf" (datasets hub), "local" (text/parquet files), "synthetic" (generated)
+    hf_path: str = "Salesforce/wikitext"
+    hf_name: str = "wikitext-103-raw-v1"
+    train_files: list[str] = field(default_factory=list)  # local: files or globs (.txt, .raw, .tokens, .parquet)
+    valid_files: list[str] = field(default_factory=list)  # local: empty = hold out the tail of the training tokens
+    tokenizer: str = "EleutherAI/pythia-70m"  # a hub id, or a path to tokenizer.json
+    seq_len: int = 512
+    batch_size: int = 24  # global sequences per optimizer step (split across data-parallel ranks)
+    windows: str = "chunks"  # "chunks": non-overlapping contiguous; "random": random start per sequence
+    valid_fraction: float = 0.005  # held-out tail when there is no validation split
+    max_train_tokens: int | None = None  # cap on the training tokens used (None = all)
+    cache_dir: str = ".cache/tokens"
+    synthetic_vocab: int = 256
+    synthetic_tokens: int = 400_000
+    synthetic_seed: int = 1234
+
+    def validate(self) -> None:
+        _choice("data.source", self.source, ("hf", "local", "synthetic"))
+        _choice("data.windows", self.windows, ("chunks", "random"))
+        _positive("data.seq_len", self.seq_len)
+        _positive("data.batch_size", self.batch_size)
+        if self.source == "local" and not self.train_files:
+            raise ConfigError("data.source=local needs data.train_files (e.g. data.train_files=[corpus/*.txt])")
+        if not 0.0 < self.valid_fraction < 0.5:
+            raise ConfigError(f"data.valid_fraction must be in (0, 0.5), got {self.valid_fraction}")
+        if self.synthetic_vocab < 4 or self.synthetic_vocab > 65535:
+            raise ConfigError(f"data.synthetic_vocab must be in [4, 65535], got {self.synthetic_vocab}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01  # on every parameter (the papers' recipe)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay_schedule: str = "lr"  # "lr" (torch) or "lr_squared" (decay ∝ η², Chou 2025)
+    grad_clip: float | None = None  # None = no clipping (the papers' recipe)
+    fused: bool | None = None  # None: torch's default choice of implementation
+    track_every: int = 1
+
+    def validate(self) -> None:
+        _positive("optim.lr", self.lr)
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must lie in [0, 1), got {self.betas}")
+        _positive("optim.eps", self.eps)
+        _choice("optim.weight_decay_schedule", self.weight_decay_schedule, ("lr", "lr_squared"))
+        if self.grad_clip is not None:
+            _positive("optim.grad_clip", self.grad_clip)
+        _positive("optim.track_every", self.track_every)
+
+
+@dataclass
+class ScheduleConfig:
+    total_steps: int = 20_000
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    kind: str = "cosine"  # "cosine" or "constant" (after warmup)
+
+    def validate(self) -> None:
+        _positive("schedule.total_steps", self.total_steps)
+        if not 0 <= self.warmup_steps < self.total_steps:
+            raise ConfigError(f"schedule.warmup_steps must be in [0, total_steps), got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _choice("schedule.kind", self.kind, ("cosine", "constant"))
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10  # read the forces (one host transfer) and write a record
+    eval_every: int = 500
+    eval_batches: int = 20
+    weibull_every: int = 250  # per-block Weibull fits (0 = off)
+    per_tensor: bool = True  # per-tensor force records in forces.jsonl
+    progress: bool = True  # tqdm bar
+    wandb: bool = False
+    wandb_project: str = "instrumented-adamw"
+    wandb_mode: str | None = None  # None: wandb's own default (WANDB_MODE); "offline" for no network
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        _positive("logging.log_every", self.log_every)
+        _positive("logging.eval_every", self.eval_every)
+        _positive("logging.eval_batches", self.eval_batches)
+        if self.weibull_every < 0:
+            raise ConfigError(f"logging.weibull_every must be >= 0, got {self.weibull_every}")
+        if self.wandb_mode is not None:
+            _choice("logging.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 250  # weights (safetensors + HF config.json) every N steps, plus step 0
+    early: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])  # log-spaced early steps
+    save_optimizer: bool = False  # also keep the Adam moments with every numbered checkpoint
+    resume_every: int = 250  # the overwritten resume state (weights + optimizer + position)
+
+    def validate(self) -> None:
+        _positive("checkpoint.every", self.every)
+        _positive("checkpoint.resume_every", self.resume_every)
+        if any(s <= 0 for s in self.early):
+            raise ConfigError(f"checkpoint.early steps must be positive, got {self.early}")
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "none"  # "none" or "ddp" (launch with torchrun)
+    backend: str | None = None  # None: nccl on CUDA, gloo on CPU
+
+    def validate(self) -> None:
+        _choice("distributed.strategy", self.strategy, ("none", "ddp"))
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 1
+    out_dir: str = "runs"
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    resume: bool = True  # continue from run_dir/resume if it exists
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"run.name must be a non-empty name without '/', got {self.name!r}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        if self.checkpoint.resume_every % self.logging.log_every:
+            raise ConfigError(
+                f"checkpoint.resume_every={self.checkpoint.resume_every} must be a multiple of "
+                f"logging.log_every={self.logging.log_every} (a resume point starts a fresh force interval)"
+            )
+        if self.data.source == "synthetic" and self.model.vocab_size < self.data.synthetic_vocab:
+            raise ConfigError(
+                f"model.vocab_size={self.model.vocab_size} < data.synthetic_vocab={self.data.synthetic_vocab}"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (following ``base:`` chains), then ``key.sub=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = _read_yaml_chain(Path(path), seen=())
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return _build(Config, tree, "").validate()
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config {path} includes itself through 'base:'")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = data.pop("base", None)
+    data.pop("sweep", None)  # sweep grids are read by train.sweep, not part of a run's config
+    if base is None:
+        return data
+    return _merge(_read_yaml_chain(path.parent / base, seen + (path,)), data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _build(cls, tree: Any, prefix: str):
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {tree!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(tree) - names
+    if unknown:
+        where = prefix or "the top level"
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where}; valid: {sorted(names)}")
+    kwargs = {}
+    for name, value in tree.items():
+        path = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, path)
+        else:
+            kwargs[name] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.startswith("[") else [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        if origin is tuple:
+            if len(args) == 2 and args[1] is not Ellipsis and len(value) != len(args):
+                raise ConfigError(f"{path} needs {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=False)))
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{path} must be an integer, got {value!r}") from None
+        if number != int(number):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return int(number)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        try:
+            return float(value)  # YAML reads 3e-3 as a string: accept it as a number here
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path} must be a number, got {value!r}") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported field type {hint}")
+
+
+def _choice(path: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{path} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(path: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{path} must be > 0, got {value!r}")
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

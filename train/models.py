@@ -1,0 +1,70 @@
+"""Models from config with `transformers` (never hand-written): GPT-NeoX (Pythia) and Llama."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from .config import ModelConfig
+
+
+def hf_config(cfg: ModelConfig) -> transformers.PretrainedConfig:
+    """The transformers config of ``cfg``; SDPA attention, no dropout, init std ``init_std`` everywhere."""
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attn_implementation="sdpa",
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    if cfg.arch == "gpt_neox":
+        return transformers.GPTNeoXConfig(
+            **common,
+            rotary_pct=cfg.rotary_pct,
+            rotary_emb_base=cfg.rope_theta,
+            use_parallel_residual=cfg.parallel_residual,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        )
+    return transformers.LlamaConfig(
+        **common,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        rope_theta=cfg.rope_theta,
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=0.0,
+    )
+
+
+def build_model(cfg: ModelConfig) -> transformers.PreTrainedModel:
+    """Random init from ``cfg`` (seed the RNG first), or the published weights of ``cfg.pretrained``."""
+    if cfg.pretrained is not None:
+        return load_pretrained(cfg.pretrained, cfg.revision)
+    return transformers.AutoModelForCausalLM.from_config(hf_config(cfg), torch_dtype=torch.float32)
+
+
+class PretrainedUnavailableError(RuntimeError):
+    """The pretrained weights are neither a local directory nor reachable on the hub."""
+
+
+def load_pretrained(name: str, revision: str | None) -> transformers.PreTrainedModel:
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            name, revision=revision, torch_dtype=torch.float32, attn_implementation="sdpa"
+        )
+    except OSError as exc:
+        if Path(name).exists():
+            raise
+        raise PretrainedUnavailableError(
+            f"cannot load {name!r} (revision {revision or 'main'}): the Hugging Face hub is unreachable and it is "
+            f"not in the local cache ({str(exc).splitlines()[0]}). Download it where there is network "
+            f"(`hf download {name} --revision {revision or 'main'} --local-dir DIR`) and set model.pretrained=DIR."
+        ) from exc
