@@ -1,10 +1,11 @@
-"""The ``instrumented-adamw`` command: ``fit`` Weibull diagnostics of a checkpoint or model directory."""
+"""The ``instrumented-adamw`` command: ``fit`` (Weibull diagnostics of a checkpoint), ``report`` (figures)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import diagnostics as dx
 
@@ -52,6 +53,20 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import make_report
+
+    out = args.out or str(Path(args.runs[0]) / "report")
+    try:
+        result = make_report(args.runs, out, cls=args.cls)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"instrumented-adamw report: {exc}", file=sys.stderr)
+        return 2
+    for f in result["files"]:
+        print(f)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instrumented-adamw", description="Weight-norm force and Weibull tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--include-vectors", action="store_true", help="also fit biases and norm weights")
     fit.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fit.set_defaults(func=_fit)
+    rep = sub.add_parser("report", help="figures (PNG) and one HTML page from run directories")
+    rep.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl, forces.jsonl, ...)")
+    rep.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report of the first run)")
+    rep.add_argument("--cls", default="Transmission", help="parameter class to plot (default: Transmission)")
+    rep.set_defaults(func=_report)
     return parser
 
 

@@ -128,7 +128,9 @@ def truncate_jsonl(path: Path, step: int) -> int:
 
 
 class WandbSink:
-    """Live wandb logging: the flat metrics every log step; per-tensor forces and per-block fits as tables.
+    """Live wandb logging: the flat metrics every log step; per-tensor and per-layer forces as tables every
+    ``table_every`` steps (wandb caps the size of one ``log`` call and of a run's history rows, so the detail is
+    periodic while the aggregates stream live); per-block Weibull fits as a table with each fit.
 
     ``wandb.init`` runs here, so a requested wandb that cannot start (not installed, not logged in, bad mode)
     fails at start-up. Offline mode (``mode="offline"`` or ``WANDB_MODE=offline``) writes a local run file that
@@ -143,7 +145,11 @@ class WandbSink:
         name: str | None = None,
         mode: str | None = None,
         run_id: str | None = None,
+        table_every: int = 250,
     ) -> None:
+        if table_every < 1:
+            raise ValueError(f"table_every must be >= 1, got {table_every}")
+        self.table_every = table_every
         try:
             import wandb
         except ImportError as exc:
@@ -174,11 +180,16 @@ class WandbSink:
                 self._defined = True
             scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.run.log(dict(scalars, **{"trainer/step": step}))
-        elif kind == "forces" and record.get("tensors"):
+        elif kind == "forces" and step % self.table_every == 0:
             keys = ["cls", "layer", "align", "inject", "decay", "align_share", "rms"]
-            rows = [[step, name, *(t.get(k) for k in keys)] for name, t in record["tensors"].items()]
-            table = wandb.Table(columns=["step", "tensor", *keys], data=rows)
-            self.run.log({"forces/per_tensor": table, "trainer/step": step})
+            payload: dict[str, Any] = {"trainer/step": step}
+            if record.get("tensors"):
+                rows = [[step, name, *(t.get(k) for k in keys)] for name, t in record["tensors"].items()]
+                payload["forces/per_tensor"] = wandb.Table(columns=["step", "tensor", *keys], data=rows)
+            layer_keys = keys[2:]
+            rows = [[step, int(layer), *(a[k] for k in layer_keys)] for layer, a in record["layers"].items()]
+            payload["forces/per_layer"] = wandb.Table(columns=["step", "layer", *layer_keys], data=rows)
+            self.run.log(payload)
         elif kind == "weibull":
             keys = ["cls", "component", "layer", "k", "lam", "r2", "rms", "lam_over_rms"]
             rows = [[step, b["name"], *(b.get(k) for k in keys)] for b in record["blocks"]]

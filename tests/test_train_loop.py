@@ -38,6 +38,7 @@ def overrides(tmp: Path, name: str) -> list[str]:
         "checkpoint.every=40",
         "checkpoint.resume_every=20",
         "checkpoint.early=[1, 2, 4]",
+        "logging.report=false",
     ]
 
 

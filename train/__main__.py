@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ConfigError, load_config
@@ -27,9 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     except (DataUnavailableError, PretrainedUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(summary_line(run_dir))
         print(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, forces.jsonl, weibull.jsonl, checkpoints/)")
+        if cfg.logging.report:
+            from instrumented_adamw.report import make_report
+
+            result = make_report([run_dir], run_dir / "report")
+            print(f"figures: {run_dir / 'report'}  (report.html, {len(result['files']) - 1} PNGs)")
     return 0
 
 

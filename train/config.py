@@ -136,6 +136,7 @@ class LoggingConfig:
     wandb_project: str = "instrumented-adamw"
     wandb_mode: str | None = None  # None: wandb's own default (WANDB_MODE); "offline" for no network
     tensorboard: bool = False
+    report: bool = True  # figures + report.html into run_dir/report at the end of the run
 
     def validate(self) -> None:
         _positive("logging.log_every", self.log_every)

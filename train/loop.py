@@ -168,6 +168,7 @@ def train(cfg: Config) -> Path:
                     name=cfg.run.name,
                     mode=cfg.logging.wandb_mode,
                     run_id=f"{cfg.run.name}-{cfg.run.seed}",
+                    table_every=cfg.logging.weibull_every or cfg.logging.eval_every,
                 )
             )
         if cfg.logging.tensorboard:
@@ -215,6 +216,9 @@ def train(cfg: Config) -> Path:
         done = step + 1
 
         if done % cfg.logging.log_every == 0 or done == total:
+            if world > 1:
+                dist.all_reduce(loss_sum)  # each rank saw its share of the batch: log the global mean
+                loss_sum /= world
             mean_loss = float(loss_sum) / steps_since  # note: a CPU-GPU sync point, on log steps only
             elapsed = time.perf_counter() - t_last
             scalars = {"loss": mean_loss, "lr": lr, "throughput(tok/s)": steps_since * tokens_per_step / elapsed}

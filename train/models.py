@@ -44,11 +44,17 @@ def hf_config(cfg: ModelConfig) -> transformers.PretrainedConfig:
     )
 
 
+def _dtype_kwarg() -> dict:
+    """fp32 weights: transformers >= 4.56 calls the argument ``dtype`` (``torch_dtype`` before, now deprecated)."""
+    major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+
+
 def build_model(cfg: ModelConfig) -> transformers.PreTrainedModel:
     """Random init from ``cfg`` (seed the RNG first), or the published weights of ``cfg.pretrained``."""
     if cfg.pretrained is not None:
         return load_pretrained(cfg.pretrained, cfg.revision)
-    return transformers.AutoModelForCausalLM.from_config(hf_config(cfg), torch_dtype=torch.float32)
+    return transformers.AutoModelForCausalLM.from_config(hf_config(cfg), **_dtype_kwarg())
 
 
 class PretrainedUnavailableError(RuntimeError):
@@ -58,7 +64,7 @@ class PretrainedUnavailableError(RuntimeError):
 def load_pretrained(name: str, revision: str | None) -> transformers.PreTrainedModel:
     try:
         return transformers.AutoModelForCausalLM.from_pretrained(
-            name, revision=revision, torch_dtype=torch.float32, attn_implementation="sdpa"
+            name, revision=revision, attn_implementation="sdpa", **_dtype_kwarg()
         )
     except OSError as exc:
         if Path(name).exists():

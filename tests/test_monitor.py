@@ -1,0 +1,207 @@
+"""Monitor and sinks: JSONL schema, wandb offline file read back, TensorBoard events, failing sinks, report, HF."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from models import tiny_model
+from wandb_reader import history, run_file
+
+from instrumented_adamw import InstrumentedAdamW
+from instrumented_adamw.monitor import ForceMonitor
+from instrumented_adamw.report import PAPER_BUDGET, load_run, make_report, share_table
+from instrumented_adamw.sinks import FanOut, JsonlSink, TensorBoardSink, WandbSink, read_jsonl
+from train.config import load_config
+from train.loop import train
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = ("Transmission", "QKV", "Other")
+PER_CLASS = ("align_share", "inject_share", "decay_share", "rms", "net", "cos_w_u", "rel_residual")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sinks")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_SILENT", "true")
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [f"run.out_dir={tmp}", "run.name=all_sinks", f"data.cache_dir={tmp / 'cache'}", "data.synthetic_tokens=60000",
+         "schedule.total_steps=60", "logging.eval_every=30", "logging.weibull_every=30", "logging.progress=false",
+         "logging.wandb=true", "logging.wandb_mode=offline", "logging.tensorboard=true", "checkpoint.every=30",
+         "checkpoint.resume_every=30", "checkpoint.early=[]"],
+    )  # fmt: skip
+    out = train(cfg)
+    mp.undo()
+    return out
+
+
+def test_jsonl_holds_every_log_step_once_with_the_documented_schema(run):
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(10, 61, 10))
+    for m in metrics:
+        assert {"step", "time", "loss", "lr", "throughput(tok/s)"} <= m.keys()
+        assert {f"{c}/{k}" for c in CLASSES for k in PER_CLASS} <= m.keys()
+    forces = read_jsonl(run / "forces.jsonl")
+    last = forces[-1]
+    tensors = last["tensors"]
+    # Class shares are the paper definition over the class's tensors: |ΣF_a| / (|ΣF_a| + ΣF_i + Σ|F_d|).
+    members = [t for t in tensors.values() if t["cls"] == "Transmission"]
+    a, i, d = (sum(t[k] for t in members) for k in ("align", "inject", "decay"))
+    assert last["classes"]["Transmission"]["align_share"] == pytest.approx(abs(a) / (abs(a) + i + abs(d)), rel=1e-12)
+    assert metrics[-1]["Transmission/align_share"] == last["classes"]["Transmission"]["align_share"]
+    layer0 = [t for t in tensors.values() if t["layer"] == 0]
+    assert last["layers"]["0"]["align"] == pytest.approx(sum(t["align"] for t in layer0), rel=1e-12)
+    weibull = read_jsonl(run / "weibull.jsonl")
+    assert [w["step"] for w in weibull] == [0, 30, 60]
+    assert {"name", "layer", "component", "cls", "k", "lam", "r2", "rms", "lam_over_rms", "gamma_bridge_lam"} <= set(
+        weibull[-1]["blocks"][0]
+    )
+
+
+def test_wandb_offline_run_file_contains_the_same_values(run):
+    rows = history(run_file(run / "wandb"))
+    logged = {r["trainer/step"]: r for r in rows if "loss" in r}
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert sorted(logged) == [m["step"] for m in metrics]
+    for m in metrics:
+        row = logged[m["step"]]
+        for key in ("loss", "lr", "Transmission/align_share", "QKV/rms"):
+            assert row[key] == m[key]
+    fits = [r for r in rows if "weibull/Transmission/k_median" in r]
+    assert [r["trainer/step"] for r in fits] == [0, 30, 60]
+    assert all(r["weibull/per_block/_type"] == "table-file" for r in fits)
+    tables = [r for r in rows if "forces/per_tensor/_type" in r]
+    assert [r["trainer/step"] for r in tables] == [30, 60]  # per-tensor detail is periodic, not every log step
+
+
+def test_tensorboard_events_are_readable(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    loss = acc.Scalars("loss")
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [e.step for e in loss] == [m["step"] for m in metrics]
+    assert [e.value for e in loss] == pytest.approx([m["loss"] for m in metrics], rel=1e-6)  # TB stores fp32
+    assert [e.step for e in acc.Scalars("weibull/Transmission/k_median")] == [0, 30, 60]
+
+
+def test_requested_but_broken_sinks_raise_at_start_up(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with pytest.raises(RuntimeError, match="wandb.init failed"):
+        WandbSink("p", directory=tmp_path, mode="online")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(Exception):  # noqa: B017 - the OS error type varies; it must not pass silently
+        TensorBoardSink(blocker / "tb")
+    with pytest.raises(ValueError, match="not after the last written step"):
+        sink = JsonlSink(tmp_path / "j")
+        sink.log("metrics", {"loss": 1.0}, 10)
+        sink.log("metrics", {"loss": 1.0}, 10)
+
+
+class Broken:
+    def __init__(self):
+        self.calls = 0
+
+    def log(self, kind, record, step):
+        self.calls += 1
+        if step >= 20:
+            raise ConnectionError("server went away")
+
+    def close(self):
+        pass
+
+
+def test_a_sink_that_drops_mid_run_is_reported_and_training_continues(tmp_path, capsys):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    opt = InstrumentedAdamW(model.named_parameters(), lr=1e-2)
+    broken = Broken()
+    monitor = ForceMonitor(opt, model, [JsonlSink(tmp_path), broken], log_every=10)
+    for step in range(1, 41):
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        monitor.step(step, loss=0.0)
+    monitor.close()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [10, 20, 30, 40]
+    assert broken.calls == 3  # metrics@10, forces@10, metrics@20 (raised) -> dropped
+    assert "Broken" in monitor.sinks.failed and "server went away" in capsys.readouterr().err
+    assert isinstance(monitor.sinks, FanOut)
+
+
+def test_jsonl_resume_truncates_later_records(tmp_path):
+    sink = JsonlSink(tmp_path)
+    for step in (10, 20, 30):
+        sink.log("metrics", {"loss": float(step)}, step)
+    sink.close()
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 40, "lo')  # torn line from a kill mid-write
+    resumed = JsonlSink(tmp_path, resume_step=20)
+    resumed.log("metrics", {"loss": 30.5}, 30)
+    resumed.close()
+    kept = [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")]
+    assert kept == [(10, 10.0), (20, 20.0), (30, 30.5)]
+    JsonlSink(tmp_path).log("metrics", {"loss": math.nan}, 40)  # NaN becomes null: strict JSON lines
+    assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["loss"] is None
+
+
+def test_report_figures_come_from_the_logs(run, tmp_path):
+    result = make_report([run], tmp_path)
+    names = sorted(p.name for p in result["files"])
+    assert names == ["align_share.png", "forces_all_sinks.png", "lambda_all_sinks.png", "report.html"]
+    for p in result["files"]:
+        assert p.stat().st_size > 10_000, p
+    metrics = read_jsonl(run / "metrics.jsonl")
+    plotted = result["data"]["forces/all_sinks"]
+    assert np.allclose(plotted["align_share"], [100 * m["Transmission/align_share"] for m in metrics], rtol=0)
+    _, band = result["data"]["lambda/all_sinks"]
+    fits = read_jsonl(run / "weibull.jsonl")
+    assert list(band["step"]) == [0, 30, 60]
+    assert band["k_max"][-1] == max(b["k"] for b in fits[-1]["blocks"] if b["cls"] == "Transmission")
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "paper" in page
+    rows = share_table(load_run(run))
+    assert [r["step"] for r in rows] == list(PAPER_BUDGET) and all(r["ours"] is None for r in rows)  # 60-step run
+
+
+def test_report_peak_lambda_across_a_sweep(run, tmp_path):
+    import shutil
+
+    other = tmp_path / "lr_other"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("checkpoints", "resume", "wandb", "tensorboard"))
+    cfg = (other / "config.yaml").read_text().replace("lr: 0.003", "lr: 0.001").replace("all_sinks", "lr_other")
+    (other / "config.yaml").write_text(cfg)
+    result = make_report([run, other], tmp_path / "out")
+    assert "peak_lambda_vs_lr.png" in [p.name for p in result["files"]]
+    assert set(result["data"]["peak_lambda"]) == {0.001, 0.003}
+
+
+def test_hf_trainer_callback_attaches_the_monitor(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from instrumented_adamw.hf import ForceMonitorCallback
+
+    model = tiny_model("gpt_neox")
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 96, (64, 16), generator=g)]
+    opt = InstrumentedAdamW(model.named_parameters(), lr=1e-3, weight_decay=0.01)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=4, logging_steps=5, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None),
+                      callbacks=[ForceMonitorCallback(weibull_every=10)])  # fmt: skip
+    trainer.train()
+    assert [r["step"] for r in read_jsonl(tmp_path / "forces" / "metrics.jsonl")] == [5, 10, 15, 20]
+    assert [r["step"] for r in read_jsonl(tmp_path / "forces" / "weibull.jsonl")] == [10, 20]
+    forces = read_jsonl(tmp_path / "forces" / "forces.jsonl")[-1]
+    assert forces["classes"]["Transmission"]["steps"] == 5
+    with pytest.raises(TypeError, match="InstrumentedAdamW"):
+        Trainer(model=model, args=args, train_dataset=data, callbacks=[ForceMonitorCallback()]).train()
