@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 #: Per-step quantities, integrated over intervals. Order is the column order of the device table.
-QUANTITIES = ("w_dot_u", "u_sq", "w_sq", "align", "inject", "decay", "higher_order")
+QUANTITIES = ("w_dot_u", "u_sq", "w_sq", "align", "inject", "decay", "higher_order", "eta_lambda")
 #: What ``last_forces().to_dict()`` reports per tensor: the quantities plus the hyperparameters of that step.
 LAST_KEYS = QUANTITIES + ("lr", "weight_decay")
 #: The four forces whose sum is Δ‖W‖² of a step.
@@ -32,7 +32,10 @@ _WIDTH = _LAST_FINITE + 1
 
 
 def forces_from_reductions(red: Tensor, lr, weight_decay) -> Tensor:
-    """``[k, 3]`` reductions ``(⟨W,û⟩, ‖û‖², ‖W‖²)`` -> ``[k, 9]`` rows in ``LAST_KEYS`` order.
+    """``[k, 3]`` reductions ``(⟨W,û⟩, ‖û‖², ‖W‖²)`` -> ``[k, 10]`` rows in ``LAST_KEYS`` order.
+
+    ``eta_lambda`` = η·λ of the step (the per-step shrink factor of decoupled decay); its interval sum is the
+    interval's share of the training budget T/τ = Σ η_t λ_t.
 
     ``lr`` and ``weight_decay`` are floats or 0-d tensors (on any device; moved without synchronising). The
     identity ``align + inject + decay + higher_order = ‖(1-ηλ)W - ηû‖² - ‖W‖²`` holds exactly in real arithmetic.
@@ -48,7 +51,7 @@ def forces_from_reductions(red: Tensor, lr, weight_decay) -> Tensor:
     higher = 2.0 * eta * eta * lam * wu + (eta * lam) * (eta * lam) * ww
     eta_col = eta.expand_as(wu) if isinstance(eta, Tensor) else torch.full_like(wu, eta)
     lam_col = lam.expand_as(wu) if isinstance(lam, Tensor) else torch.full_like(wu, lam)
-    return torch.stack((wu, uu, ww, align, inject, decay, higher, eta_col, lam_col), dim=1)
+    return torch.stack((wu, uu, ww, align, inject, decay, higher, eta_col * lam_col, eta_col, lam_col), dim=1)
 
 
 class ForceStats:
@@ -76,7 +79,7 @@ class ForceStats:
         return idx
 
     def record(self, rows: tuple[int, ...], values: Tensor, skip: Tensor | None = None) -> None:
-        """Fold one step's ``[k, 9]`` values into rows; ``skip`` (0-d, nonzero = skipped) discards the step."""
+        """Fold one step's ``[k, len(LAST_KEYS)]`` values into rows; ``skip`` (0-d, nonzero = skip) drops the step."""
         idx = self._index(rows)
         block = self.table.index_select(0, idx)
         finite = torch.isfinite(values[:, :_NQ]).all(dim=1)

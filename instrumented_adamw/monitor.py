@@ -11,7 +11,10 @@ On a log step it reads the interval-integrated forces (one device→host transfe
 * ``metrics``: flat scalars — whatever the caller passes (``loss``, ``lr``, ...) plus, per class,
   ``<cls>/align_share``, ``<cls>/inject_share``, ``<cls>/decay_share`` (paper definition
   ``|ΣF_a| / (|ΣF_a| + ΣF_i + Σ|F_d|)`` over the interval), ``<cls>/rms``, ``<cls>/net`` (Σ of all four forces),
-  ``<cls>/cos_w_u`` (cos(W, û) of the last step) and ``<cls>/rel_residual`` (closure residual over the budget);
+  ``<cls>/cos_w_u`` (cos(W, û) of the last step), ``<cls>/rel_residual`` (closure residual over the budget),
+  and the steady-state diagnostics ``<cls>/rms_eq`` / ``<cls>/rms_eq_indep`` (the RMS at which the interval's
+  step statistics would hold ‖W‖² still, with the measured cos(W, û) and with cos = 0; see
+  :func:`equilibrium_norm`) and ``<cls>/t_over_tau`` (cumulative Σ η_t λ_t, the training-budget axis);
 * ``forces``: the same per class, per layer and (``per_tensor=True``) per tensor, with the raw interval sums;
 * ``weibull`` (every ``weibull_every`` steps): per-block fits of every tracked weight matrix, and per-class
   medians of k and λ in ``metrics``.
@@ -34,6 +37,19 @@ from .taxonomy import classify_all
 from .weibull import fit_weibull
 
 _COL = {q: i for i, q in enumerate(QUANTITIES)}
+#: Per-class keys of the flat ``metrics`` records (``<class>/<key>``).
+METRIC_KEYS = (
+    "align_share",
+    "inject_share",
+    "decay_share",
+    "rms",
+    "net",
+    "cos_w_u",
+    "rel_residual",
+    "rms_eq",
+    "rms_eq_indep",
+    "t_over_tau",
+)
 
 
 def shares(align: float, inject: float, decay: float) -> tuple[float, float, float]:
@@ -44,15 +60,44 @@ def shares(align: float, inject: float, decay: float) -> tuple[float, float, flo
     return abs(align) / total, abs(inject) / total, abs(decay) / total
 
 
+def equilibrium_norm(u_norm: float, cos: float, lr: float, weight_decay: float) -> float:
+    """‖W‖ at which one AdamW step leaves ‖W‖² unchanged, for a step direction of norm ‖û‖ at angle cos(W, û).
+
+    Solves ‖(1 − ηλ)W − ηû‖² = ‖W‖² exactly (higher-order terms included):
+    a‖W‖² + b‖W‖ − d = 0 with a = ηλ(2 − ηλ), b = 2η(1 − ηλ)·cos·‖û‖, d = η²‖û‖². With cos = 0 (updates
+    independent of the weights, the assumption behind decay ∝ η²) this is ‖û‖·√(η/(λ(2 − ηλ))) ≈ ‖û‖√(η/2λ).
+    NaN without decay (no equilibrium).
+    """
+    a = lr * weight_decay * (2.0 - lr * weight_decay)
+    if not a > 0 or not math.isfinite(u_norm * cos):
+        return math.nan
+    b = 2.0 * lr * (1.0 - lr * weight_decay) * cos * u_norm
+    d = lr * lr * u_norm * u_norm
+    return (-b + math.sqrt(b * b + 4.0 * a * d)) / (2.0 * a)
+
+
 def aggregate(readout: ForceReadout, rows: np.ndarray, numel: np.ndarray) -> dict[str, float]:
-    """Interval totals of a set of tensors (``rows`` of the read-out) and the derived shares, RMS and residual."""
+    """Interval totals of a set of tensors (``rows`` of the read-out) and the derived shares, RMS and residual,
+    and the steady-state diagnostics: cos(W, û), the equilibrium RMS the current step statistics imply (with the
+    measured cos, and with cos = 0), and the interval's decay budget Σ η_t λ_t (mean over the tensors)."""
     interval = readout.interval[rows].sum(axis=0)
     out = {q: float(interval[_COL[q]]) for q in QUANTITIES}
+    out["eta_lambda"] = float(readout.interval[rows, _COL["eta_lambda"]].mean()) if len(rows) else 0.0
     a, i, d = shares(out["align"], out["inject"], out["decay"])
     budget = abs(out["align"]) + out["inject"] + abs(out["decay"])
     w_sq_now = float(readout.w_sq_now[rows].sum())
     last = readout.last[rows]
     wu, uu, ww = last[:, 0].sum(), last[:, 1].sum(), last[:, 2].sum()
+    n_el = numel[rows].sum()
+    steps = np.maximum(readout.steps[rows], 1)
+    u_norm = math.sqrt(float((readout.interval[rows, _COL["u_sq"]] / steps).sum()))  # interval-mean ‖û‖
+    cos_interval = out["w_dot_u"] / math.sqrt(out["w_sq"] * out["u_sq"]) if out["w_sq"] * out["u_sq"] > 0 else math.nan
+    lr, wd = float(last[:, len(QUANTITIES)].mean()), float(last[:, len(QUANTITIES) + 1].mean())
+    out.update(
+        cos_w_u_interval=cos_interval,
+        rms_eq=equilibrium_norm(u_norm, cos_interval, lr, wd) / math.sqrt(n_el) if n_el else math.nan,
+        rms_eq_indep=equilibrium_norm(u_norm, 0.0, lr, wd) / math.sqrt(n_el) if n_el else math.nan,
+    )
     out.update(
         align_share=a,
         inject_share=i,
@@ -120,6 +165,14 @@ class ForceMonitor:
         self._classes = {k: np.array(v) for k, v in self._classes.items()}
         self._layers = {k: np.array(v) for k, v in sorted(self._layers.items())}
         self.last_record: dict[str, Any] | None = None
+        self._t_over_tau: dict[str, float] = {}  # cumulative Σ η_t λ_t per class since training began
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the cumulative diagnostics (T/τ)."""
+        return {"t_over_tau": dict(self._t_over_tau)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._t_over_tau = dict(state.get("t_over_tau", {}))
 
     def step(self, step: int, **scalars: float) -> dict[str, Any] | None:
         """Call after ``optimizer.step()`` with the number of steps done; logs on multiples of ``log_every``."""
@@ -138,7 +191,9 @@ class ForceMonitor:
         metrics: dict[str, Any] = {k: float(v) for k, v in scalars.items()}
         metrics["time"] = time.time()
         for c, agg in classes.items():
-            for key in ("align_share", "inject_share", "decay_share", "rms", "net", "cos_w_u", "rel_residual"):
+            self._t_over_tau[c] = self._t_over_tau.get(c, 0.0) + agg["eta_lambda"]
+            agg["t_over_tau"] = self._t_over_tau[c]
+            for key in METRIC_KEYS:
                 metrics[f"{c}/{key}"] = agg[key]
         forces: dict[str, Any] = dict(time=metrics["time"], classes=classes, layers=layers)
         if self.per_tensor:

@@ -41,6 +41,7 @@ class InstrumentedAdamW(torch.optim.AdamW):
     ``inject``        η²‖û‖²                                always ≥ 0: a step of any direction adds norm
     ``decay``         −2ηλ‖W‖²                              decoupled weight decay, always ≤ 0
     ``higher_order``  2η²λ⟨W,û⟩ + η²λ²‖W‖²                  cross terms; make the identity exact, tiny
+    ``eta_lambda``    η·λ                                   per-step decay factor; Σ over steps is T/τ
     ``lr``            η of the tensor's group at that step
     ``weight_decay``  λ applied at that step                equals the group's λ unless ``lr_squared``
     ================  ====================================  =================================================

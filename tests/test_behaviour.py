@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import make_params, param_groups, set_grads, twin_optimizers
 
-from instrumented_adamw import LAST_KEYS, InstrumentedAdamW
+from instrumented_adamw import LAST_KEYS, QUANTITIES, InstrumentedAdamW
 
 
 def run(opt, params, steps, start=0):
@@ -49,7 +49,7 @@ def test_interval_sums_equal_sum_of_steps_and_reset_is_clean():
     for s in range(7):
         set_grads(params, s)
         opt.step()
-        per_step.append(opt.last_forces().last[:, :7].copy())
+        per_step.append(opt.last_forces().last[:, : len(QUANTITIES)].copy())
     r = opt.read_forces(reset=True)
     np.testing.assert_allclose(r.interval, np.sum(per_step, axis=0), rtol=1e-12)
     assert (r.steps == 7).all() and (r.nonfinite_steps == 0).all()
@@ -61,7 +61,7 @@ def test_interval_sums_equal_sum_of_steps_and_reset_is_clean():
     set_grads(params, 7)
     opt.step()
     r3 = opt.read_forces()
-    np.testing.assert_allclose(r3.interval, r3.last[:, :7], rtol=0)
+    np.testing.assert_allclose(r3.interval, r3.last[:, : len(QUANTITIES)], rtol=0)
     assert (r3.steps == 1).all()
 
 

@@ -36,7 +36,8 @@ def save_snapshot(run_dir: Path, step: int, model, optimizer=None) -> Path:
     return final
 
 
-def save_resume(run_dir: Path, step: int, model, optimizer) -> None:
+def save_resume(run_dir: Path, step: int, model, optimizer, extra: dict | None = None) -> None:
+    """Write the resume state of ``step``; ``extra`` (e.g. the monitor's cumulative diagnostics) rides along."""
     root = run_dir / "resume"
     target = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
@@ -47,7 +48,7 @@ def save_resume(run_dir: Path, step: int, model, optimizer) -> None:
     rng = dict(cpu=torch.get_rng_state())
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(dict(optimizer=optimizer.state_dict(), rng=rng), tmp / "state.pt")
+    torch.save(dict(optimizer=optimizer.state_dict(), rng=rng, extra=extra or {}), tmp / "state.pt")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     pointer = root / "latest.json"
@@ -66,8 +67,8 @@ def latest_resume_step(run_dir: Path) -> int | None:
     return int(json.loads(pointer.read_text())["step"])
 
 
-def load_resume(run_dir: Path, model, optimizer) -> int:
-    """Restore weights, optimizer state and RNG from the latest resume state; returns its step."""
+def load_resume(run_dir: Path, model, optimizer) -> tuple[int, dict]:
+    """Restore weights, optimizer state and RNG from the latest resume state; returns its step and ``extra``."""
     info = json.loads((run_dir / "resume" / "latest.json").read_text())
     state_dir = run_dir / "resume" / info["dir"]
     weights = load_file(state_dir / "model.safetensors", device=str(next(model.parameters()).device))
@@ -77,4 +78,4 @@ def load_resume(run_dir: Path, model, optimizer) -> int:
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(info["step"])
+    return int(info["step"]), state.get("extra", {})

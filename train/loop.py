@@ -136,9 +136,9 @@ def train(cfg: Config) -> Path:
     for group in opt.param_groups:
         group["initial_lr"] = cfg.optim.lr  # the peak: lr_squared decay scales by lr_t / peak
 
-    start = 0
+    start, resumed = 0, {}
     if cfg.run.resume and ckpt.latest_resume_step(run_dir) is not None:
-        start = ckpt.load_resume(run_dir, model, opt)
+        start, resumed = ckpt.load_resume(run_dir, model, opt)
     step_model = model
     if cfg.distributed.strategy == "ddp":
         step_model = torch.nn.parallel.DistributedDataParallel(
@@ -181,6 +181,7 @@ def train(cfg: Config) -> Path:
             weibull_every=cfg.logging.weibull_every,
             per_tensor=cfg.logging.per_tensor,
         )
+        monitor.load_state_dict(resumed.get("monitor", {}))
         if start == 0:
             if cfg.logging.weibull_every:
                 monitor.fit(0)  # the initial distribution: λ(t) starts here
@@ -241,7 +242,7 @@ def train(cfg: Config) -> Path:
             ckpt.save_snapshot(run_dir, done, model, opt if cfg.checkpoint.save_optimizer else None)
         if done % cfg.checkpoint.resume_every == 0 or done == total:
             if main:
-                ckpt.save_resume(run_dir, done, model, opt)
+                ckpt.save_resume(run_dir, done, model, opt, extra={"monitor": monitor.state_dict()})
             if world > 1:
                 dist.barrier()
         if progress is not None:
