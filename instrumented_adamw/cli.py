@@ -1,4 +1,4 @@
-"""The ``instrumented-adamw`` command: ``fit`` (Weibull diagnostics of a checkpoint), ``report`` (figures)."""
+"""The ``instrumented-adamw`` command: ``fit`` (Weibull diagnostics), ``report`` (figures), ``analyze``."""
 
 from __future__ import annotations
 
@@ -67,6 +67,23 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    import json
+
+    from .analysis import analyze_run
+
+    try:
+        result = analyze_run(args.run, args.out, args.spacings, cls=args.cls)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"instrumented-adamw analyze: {exc}", file=sys.stderr)
+        return 2
+    summary = {k: v for k, v in result["closed_loop"].items()}
+    print(json.dumps({"closed_loop": summary, "spline": result.get("spline")}, indent=1, default=float))
+    for f in result["files"]:
+        print(f)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instrumented-adamw", description="Weight-norm force and Weibull tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report of the first run)")
     rep.add_argument("--cls", default="Transmission", help="parameter class to plot (default: Transmission)")
     rep.set_defaults(func=_report)
+    ana = sub.add_parser("analyze", help="closed loop, spline recovery, depth and RMS budgets of a run directory")
+    ana.add_argument("run", help="a run directory with step-0 Weibull fits and per-tensor force records")
+    ana.add_argument("--out", default=None, help="output directory (default: RUN_DIR/analysis)")
+    ana.add_argument("--spacings", type=int, nargs="*", default=None, help="checkpoint spacings (default 250 500 1000)")
+    ana.add_argument("--cls", default="Transmission")
+    ana.set_defaults(func=_analyze)
     return parser
 
 

@@ -94,7 +94,7 @@ def _load_file(path: Path) -> dict[str, Tensor]:
 def _load_directory(path: Path, hub_id: str | None = None) -> Weights:
     config_file = path / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))  # never both: duplicates
     if not files:
         raise FileNotFoundError(f"{path} holds no *.safetensors or pytorch_model*.bin weights")
     tensors: dict[str, Tensor] = {}
@@ -107,7 +107,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        local = snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors"])
+        # Older revisions (e.g. Pythia's step checkpoints) may hold only pytorch_model.bin.
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.bin"])
     except Exception as exc:  # the hub raises several types (offline mode, connection, 404): all mean "not here"
         raise HubUnavailableError(
             f"could not fetch {repo_id!r} (revision {revision or 'main'}) from the Hugging Face hub: "

@@ -16,6 +16,8 @@ On a log step it reads the interval-integrated forces (one device→host transfe
   step statistics would hold ‖W‖² still, with the measured cos(W, û) and with cos = 0; see
   :func:`equilibrium_norm`) and ``<cls>/t_over_tau`` (cumulative Σ η_t λ_t, the training-budget axis);
 * ``forces``: the same per class, per layer and (``per_tensor=True``) per tensor, with the raw interval sums;
+  per tensor also ``numel`` and the last step's values (``last_align``, ``last_lr``, ...: the ground truth that
+  spline recovery from checkpoints is validated against);
 * ``weibull`` (every ``weibull_every`` steps): per-block fits of every tracked weight matrix, and per-class
   medians of k and λ in ``metrics``.
 """
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .forces import QUANTITIES, ForceReadout
+from .forces import LAST_KEYS, QUANTITIES, ForceReadout
 from .sinks import FanOut, Sink
 from .taxonomy import classify_all
 from .weibull import fit_weibull
@@ -201,7 +203,9 @@ class ForceMonitor:
             for i, name in enumerate(self.names):
                 agg = aggregate(readout, np.array([i]), self._numel)
                 role = self.roles[name]
-                tensors[name] = dict(agg, cls=role.cls, layer=role.layer, component=role.component)
+                last = {f"last_{k}": float(v) for k, v in zip(LAST_KEYS, readout.last[i], strict=True)}
+                tensors[name] = dict(agg, **last, numel=int(self._numel[i]), cls=role.cls, layer=role.layer,
+                                     component=role.component)  # fmt: skip
             forces["tensors"] = tensors
         self.sinks.log("metrics", metrics, step)
         self.sinks.log("forces", forces, step)

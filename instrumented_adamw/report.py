@@ -278,6 +278,14 @@ def make_report(run_dirs: list[str | Path], out: str | Path, cls: str = "Transmi
             p = out / f"lambda_{run.name}.png"
             result["data"][f"lambda/{run.name}"] = figure_lambda(run, p, cls)
             result["files"].append(p)
+        try:
+            from .analysis import figure_closed_loop
+
+            p = out / f"closed_loop_{run.name}.png"
+            result["data"][f"closed_loop/{run.name}"] = figure_closed_loop(run, p, cls)
+            result["files"].append(p)
+        except ValueError as exc:  # no step-0 fit or no per-tensor records: say so in the result, draw the rest
+            result.setdefault("skipped", {})[f"closed_loop/{run.name}"] = str(exc)
     p = out / "align_share.png"
     result["data"]["align_share"] = figure_align_share(runs, p, cls)
     result["files"].append(p)
@@ -289,12 +297,12 @@ def make_report(run_dirs: list[str | Path], out: str | Path, cls: str = "Transmi
     tables = {run.name: share_table(run, cls) for run in runs}
     result["tables"] = tables
     page = out / "report.html"
-    page.write_text(_html(runs, result["files"], tables, cls), encoding="utf-8")
+    page.write_text(_html(runs, result["files"], tables, cls, result.get("skipped", {})), encoding="utf-8")
     result["files"].append(page)
     return result
 
 
-def _html(runs: list[RunLog], files: list[Path], tables: dict, cls: str) -> str:
+def _html(runs: list[RunLog], files: list[Path], tables: dict, cls: str, skipped: dict[str, str]) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>instrumented-adamw report</title>",
         "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}td,th{padding:2px 8px;text-align:right}"
@@ -323,5 +331,7 @@ def _html(runs: list[RunLog], files: list[Path], tables: dict, cls: str) -> str:
             parts.append(
                 f"<h2>{html.escape(f.stem)}</h2><img alt='{html.escape(f.stem)}' src='data:image/png;base64,{data}'>"
             )
+    for what, why in skipped.items():
+        parts.append(f"<p><b>{html.escape(what)}</b> not drawn: {html.escape(why)}</p>")
     parts.append("</body></html>")
     return "\n".join(parts)

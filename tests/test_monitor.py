@@ -155,7 +155,13 @@ def test_jsonl_resume_truncates_later_records(tmp_path):
 def test_report_figures_come_from_the_logs(run, tmp_path):
     result = make_report([run], tmp_path)
     names = sorted(p.name for p in result["files"])
-    assert names == ["align_share.png", "forces_all_sinks.png", "lambda_all_sinks.png", "report.html"]
+    assert names == [
+        "align_share.png",
+        "closed_loop_all_sinks.png",
+        "forces_all_sinks.png",
+        "lambda_all_sinks.png",
+        "report.html",
+    ]
     for p in result["files"]:
         assert p.stat().st_size > 10_000, p
     metrics = read_jsonl(run / "metrics.jsonl")
@@ -166,7 +172,7 @@ def test_report_figures_come_from_the_logs(run, tmp_path):
     assert list(band["step"]) == [0, 30, 60]
     assert band["k_max"][-1] == max(b["k"] for b in fits[-1]["blocks"] if b["cls"] == "Transmission")
     page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "paper" in page
+    assert page.count("data:image/png;base64,") == 4 and "paper" in page
     rows = share_table(load_run(run))
     assert [r["step"] for r in rows] == list(PAPER_BUDGET) and all(r["ours"] is None for r in rows)  # 60-step run
 

@@ -203,6 +203,15 @@ class Config:
                 f"checkpoint.resume_every={self.checkpoint.resume_every} must be a multiple of "
                 f"logging.log_every={self.logging.log_every} (a resume point starts a fresh force interval)"
             )
+        for name, every in (
+            ("logging.weibull_every", self.logging.weibull_every),
+            ("checkpoint.every", self.checkpoint.every),
+        ):
+            if every % self.logging.log_every:
+                raise ConfigError(
+                    f"{name}={every} must be a multiple of logging.log_every={self.logging.log_every} (the analyses "
+                    "pair fits and checkpoints with the force records of the same step)"
+                )
         if self.data.source == "synthetic" and self.model.vocab_size < self.data.synthetic_vocab:
             raise ConfigError(
                 f"model.vocab_size={self.model.vocab_size} < data.synthetic_vocab={self.data.synthetic_vocab}"

@@ -1,0 +1,168 @@
+"""Analyses: spline recovery exact on cubic paths, equal to scipy; closed loop exact on real runs; robustness."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.interpolate import CubicSpline
+
+from instrumented_adamw import analysis as A
+from instrumented_adamw.report import load_run
+from train.config import load_config
+from train.loop import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("k", [4, 5, 9])
+def test_spline_basis_equals_scipy_not_a_knot(k):
+    rng = np.random.default_rng(k)
+    x = np.cumsum(rng.uniform(0.5, 2.0, size=k))
+    y = rng.standard_normal((k, 6))
+    t = np.linspace(x[0] - 0.3, x[-1] + 0.3, 41)
+    ours = A.spline_basis(x, t) @ y
+    ref = CubicSpline(x, y, bc_type="not-a-knot")(t)
+    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_spline_basis_small_knot_counts_and_errors():
+    x = np.array([0.0, 2.0, 5.0])
+    y = 3 * x**2 - x + 1
+    np.testing.assert_allclose(A.spline_basis(x, [1.0, 4.0]) @ y, [3.0, 45.0])  # the parabola itself
+    np.testing.assert_allclose(A.spline_basis([0.0, 1.0], [0.25]) @ np.array([2.0, 6.0]), [3.0])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        A.spline_basis([0.0, 0.0, 1.0], [0.5])
+
+
+def test_spline_recovery_is_exact_for_cubic_paths():
+    # Every element follows a cubic in the step: W(t) = a + b t + c t² + d t³. The displacement identity then gives
+    # the true F_a for any η, λ; the spline through sparse knots must reproduce it exactly (to float64 rounding).
+    g = torch.Generator().manual_seed(0)
+    coef = [torch.randn(300, 40, generator=g, dtype=torch.float64) * s for s in (1.0, 1e-2, 1e-4, 1e-6)]
+
+    def w(t):
+        return sum(c * float(t) ** i for i, c in enumerate(coef))
+
+    knots = [0, 100, 200, 300, 400, 500]
+    steps = [200, 300, 400, 500]
+    lr = lambda s: 1e-3 * (1 + 0.5 * math.sin(s / 50))  # noqa: E731
+    wd = lambda s: 0.01  # noqa: E731
+    true = np.array([float(2 * ((w(t) - w(t - 1)) * w(t - 1)).sum() + 2 * lr(t - 1) * 0.01 * (w(t - 1) ** 2).sum())
+                     for t in steps])  # fmt: skip
+    rec = A.recover_alignment(knots, [w(k) for k in knots], steps, lr, wd, method="spline")
+    np.testing.assert_allclose(rec, true, rtol=1e-9)
+    naive = A.recover_alignment(knots, [w(k) for k in knots], steps, lr, wd, method="two_point")
+    assert np.max(np.abs(naive / true - 1)) > 1e-3  # the baseline is not exact on curved paths
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("analysis")
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [f"run.out_dir={tmp}", "run.name=an", f"data.cache_dir={tmp / 'cache'}", "data.synthetic_tokens=60000",
+         "schedule.total_steps=200", "schedule.warmup_steps=20", "logging.weibull_every=20", "logging.eval_every=100",
+         "logging.progress=false", "logging.report=false", "checkpoint.every=10", "checkpoint.resume_every=100",
+         "checkpoint.early=[]", "checkpoint.save_optimizer=true"],
+    )  # fmt: skip
+    return train(cfg)
+
+
+def test_closed_loop_with_exact_forces_reproduces_the_norm(run):
+    exact = A.closed_loop(run, bridge="initial_ratio")
+    assert exact["integration_error"] < 1e-6  # exact forces, integrated every step: rounding level
+    assert exact["n_points"] == 6 * 10  # 6 Transmission matrices x fits at steps 20..200
+    published = A.closed_loop(run, bridge="initial_ratio", bookkeeping="published")
+    assert published["integration_error"] > 100 * exact["integration_error"]  # the +2·inject bookkeeping error
+    for bridge in A.BRIDGES:
+        res = A.closed_loop(run, bridge=bridge)
+        assert math.isfinite(res["log_rmse"]) and res["bridge_error"] > 0
+        # Exact integration: the total error is the bridge error.
+        assert res["log_rmse"] == pytest.approx(res["bridge_error"], abs=1e-5)
+
+
+def test_spline_validation_on_a_real_run(run):
+    out = A.validate_spline(run, spacings=(10, 20, 40))
+    for spacing in ("10", "20", "40"):
+        summary = out["spacings"][spacing]
+        assert set(summary) == set(A.SPLINE_METHODS)
+        for m in A.SPLINE_METHODS:
+            assert summary[m]["n"] > 0 and math.isfinite(summary[m]["median"])
+    # Densest spacing: the spline beats the two-point baseline.
+    s10 = out["spacings"]["10"]
+    assert abs(s10["spline"]["median"] - 1) < abs(s10["two_point"]["median"] - 1)
+
+
+def test_robustness_analyses(run):
+    from safetensors.torch import load_file
+
+    ckpt = run / "checkpoints" / "step_000200"
+    weights = load_file(ckpt / "model.safetensors")
+    opt_state = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    name = "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"
+    names = [n for g in opt_state["param_groups"] for n in g["param_names"]]
+    state = opt_state["state"][names.index(name)]
+    u = A.uhat_from_state(state, (0.9, 0.999), 1e-8)
+    out = A.super_weight_shares(weights[name], u, lr=1e-4, weight_decay=0.1)
+    assert out["removed"] == round(1e-3 * weights[name].numel())
+    assert sum(out["all"]) == pytest.approx(100.0) and sum(out["without_top"]) == pytest.approx(100.0)
+    w64, u64 = weights[name].double().numpy().ravel(), u.numpy().ravel()
+    keep = np.argsort(np.abs(w64 * u64))[: -out["removed"]]  # independent: drop the largest |W·û| by sorting
+    a, i, d = abs(2e-4 * (w64[keep] * u64[keep]).sum()), 1e-8 * (u64[keep] ** 2).sum(), 2e-5 * (w64[keep] ** 2).sum()
+    assert out["without_top"] == pytest.approx((100 * a / (a + i + d), 100 * i / (a + i + d), 100 * d / (a + i + d)))
+    assert out["without_top"] != out["all"]
+    rms = A.rms_budget(run, cls="QKV")
+    assert len(rms["step"]) == 20 and np.all(rms["inject"] > 0) and np.all(rms["decay"] < 0)
+    depth = A.depth_ratio(run)
+    assert set(depth["lam_per_layer"]) == {0, 1} and depth["deep_over_shallow"] > 0
+
+
+def test_checkpoint_trajectory_from_local_hf_checkpoints(run):
+    # Stand-ins for the published Pythia revisions: HF-format checkpoint directories of a real run.
+    from instrumented_adamw.schedules import warmup_cosine
+
+    sources = {s: run / "checkpoints" / f"step_{s:06d}" for s in (0, 50, 100, 150, 200)}
+    cfg = load_config(run / "config.yaml")
+    lr = lambda s: warmup_cosine(s, cfg.optim.lr, 20, 200, 0.1)  # noqa: E731
+    out = A.checkpoint_trajectory(sources, lr, lambda s: cfg.optim.weight_decay)
+    name = "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"
+    traj = out["trajectories"][name]
+    assert traj["step"] == [0, 50, 100, 150, 200] and len(traj["k"]) == 5
+    fits = {r["step"]: r for r in load_run(run).weibull}
+    logged = next(b for b in fits[100]["blocks"] if b["name"] == name)
+    assert traj["lam"][2] == pytest.approx(logged["lam"], rel=1e-12)  # same protocol, same weights
+    assert set(out["recovered_align"]) == set(A.SPLINE_METHODS)
+    assert len(out["recovered_align"]["spline"][name]) == 4 and math.isfinite(out["bridge_log_rmse"])
+
+
+def test_published_pythia_checkpoints_offline_error(monkeypatch):
+    import huggingface_hub.constants
+
+    from instrumented_adamw.diagnostics import HubUnavailableError
+    from instrumented_adamw.schedules import PYTHIA_WEIGHT_DECAY, pythia_lr
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    sources = A.pythia_checkpoints("EleutherAI/pythia-70m", steps=(1000, 2000, 4000))
+    assert sources[2000] == ("EleutherAI/pythia-70m", "step2000")
+    with pytest.raises(HubUnavailableError, match="revision step1000"):
+        A.checkpoint_trajectory(sources, pythia_lr, lambda s: PYTHIA_WEIGHT_DECAY)
+    assert pythia_lr(1429) == pytest.approx(1e-3) and pythia_lr(142_999) == pytest.approx(1e-4, rel=1e-6)
+
+
+def test_analyze_command_writes_json_and_figures(run, tmp_path, capsys):
+    import json
+
+    from instrumented_adamw.cli import main
+
+    assert main(["analyze", str(run), "--out", str(tmp_path), "--spacings", "20", "40"]) == 0
+    data = json.loads((tmp_path / "analysis.json").read_text())
+    assert set(data["closed_loop"]) == {f"{b}/{k}" for b in A.BRIDGES for k in A.BOOKKEEPING}
+    assert data["closed_loop"]["initial_ratio/exact"]["integration_error"] < 1e-6
+    assert set(data["spline"]) == {"20", "40"} and data["depth"]["step"] == 200
+    for f in ("closed_loop.png", "spline_recovery.png"):
+        assert (tmp_path / f).stat().st_size > 10_000
+    assert "closed_loop.png" in capsys.readouterr().out
