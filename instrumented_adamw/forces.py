@@ -30,6 +30,21 @@ _NONFINITE = _STEPS + 1  # steps whose reductions were NaN/Inf (kept out of the 
 _LAST_FINITE = _NONFINITE + 1  # 1.0 if the last recorded step was finite
 _WIDTH = _LAST_FINITE + 1
 
+#: Quantities that are sums over the elements of a tensor (everything but the per-step hyperparameters), so a
+#: sharded tensor's value is the sum of its shards' values.
+_ELEMENT_SUMS = [q != "eta_lambda" for q in QUANTITIES]
+
+
+def additive_columns() -> list[bool]:
+    """Which columns of the device table add up across the shards of a tensor (FSDP): the element sums in the
+    last-step and interval blocks, and ‖W‖² at the interval start; not η, λ, η·λ or the step counters."""
+    cols = [False] * _WIDTH
+    for i, additive in enumerate(_ELEMENT_SUMS):
+        cols[_LAST.start + i] = additive
+        cols[_SUM.start + i] = additive
+    cols[_START_W_SQ] = True
+    return cols
+
 
 def forces_from_reductions(red: Tensor, lr, weight_decay) -> Tensor:
     """``[k, 3]`` reductions ``(⟨W,û⟩, ‖û‖², ‖W‖²)`` -> ``[k, 10]`` rows in ``LAST_KEYS`` order.

@@ -220,6 +220,8 @@ class ForceMonitor:
             p = self._params[name]
             if p.ndim < 2:
                 continue
+            if hasattr(p, "full_tensor"):  # an FSDP2 shard: gather the matrix (a collective: every rank calls fit)
+                p = p.full_tensor()
             role = self.roles[name]
             try:
                 fit = fit_weibull(p, self.trim)

@@ -10,11 +10,21 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _default_to_fused_or_foreach, _use_grad_for_differentiable
 
-from .forces import ForceReadout, ForceStats, forces_from_reductions
+from .forces import ForceReadout, ForceStats, additive_columns, forces_from_reductions
 from .functional import Arena, delegated_adamw, multi_tensor_adamw, single_tensor_adamw
 from .reductions import dot_f64
 
 WEIGHT_DECAY_SCHEDULES = ("lr", "lr_squared")
+
+try:  # FSDP2 parameters are DTensors; plain torch builds without distributed support have none
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = Shard = None  # type: ignore[assignment,misc]
+
+
+def _local(t):
+    """The local shard of a DTensor (sharing its storage), or ``t`` itself."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
 class InstrumentedAdamW(torch.optim.AdamW):
@@ -99,6 +109,8 @@ class InstrumentedAdamW(torch.optim.AdamW):
         self._track_filter = track_filter
         self._wd_schedule = weight_decay_schedule
         self._rows: dict[int, tuple[torch.device, int]] = {}
+        self._sharded_rows: dict[torch.device, list[bool]] = {}  # rows whose tensor is a DTensor shard
+        self._shard_group = None  # process group of the DTensor parameters (one 1-D mesh)
         self._stats: dict[torch.device, ForceStats] = {}
         self._tracked_params: dict[torch.device, list[Tensor]] = {}
         self._arena = Arena()
@@ -131,9 +143,26 @@ class InstrumentedAdamW(torch.optim.AdamW):
         for device, items in new.items():
             stats = self._stats.setdefault(device, ForceStats(device))
             rows = stats.add_rows([n for n, _ in items])
+            self._sharded_rows.setdefault(device, []).extend(self._check_sharded(n, p) for n, p in items)
             self._tracked_params.setdefault(device, []).extend(p for _, p in items)
             for (_, p), row in zip(items, rows, strict=True):
                 self._rows[id(p)] = (device, row)
+
+    def _check_sharded(self, name: str, p: Tensor) -> bool:
+        """True for a DTensor shard (FSDP2): its reductions are partial sums, combined across ranks on read."""
+        if DTensor is None or not isinstance(p, DTensor):
+            return False
+        mesh = p.device_mesh
+        if mesh.ndim != 1 or not all(isinstance(pl, Shard) for pl in p.placements):
+            raise NotImplementedError(
+                f"{name}: DTensor placements {p.placements} on a {mesh.ndim}-D mesh; force tracking supports "
+                "parameters sharded on one mesh dimension (FSDP2 fully_shard). Pass track_filter to skip it."
+            )
+        group = mesh.get_group()
+        if self._shard_group is not None and group != self._shard_group:
+            raise NotImplementedError(f"{name}: parameters sharded over different process groups")
+        self._shard_group = group
+        return True
 
     @staticmethod
     def _set_peak_lr(group: dict[str, Any]) -> None:
@@ -203,12 +232,15 @@ class InstrumentedAdamW(torch.optim.AdamW):
             beta1, beta2 = group["betas"]
             lr = group["lr"]
             weight_decay = self._effective_weight_decay(group)
-            lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, tracked)
+            # DTensor shards: AdamW is elementwise, so updating each local shard in place is the sharded update;
+            # the reductions become per-shard partial sums.
+            local = [[_local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)]
+            lists = (*local, state_steps, tracked)
             common = dict(
                 amsgrad=group["amsgrad"], lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=group["maximize"]
             )
 
-            path = self._path(group, params)
+            path = self._path(group, local[0])
             arena = self._arena if params[0].device.type == "cpu" else None
             if path == "delegated":
                 reductions = delegated_adamw(
@@ -235,7 +267,7 @@ class InstrumentedAdamW(torch.optim.AdamW):
                 reductions = single_tensor_adamw(*lists, beta1=beta1, beta2=beta2, **common)
                 skip = None
             if reductions:
-                self._record(params, reductions, lr, weight_decay, skip)
+                self._record(params, reductions, lr, weight_decay, skip)  # original params: rows are keyed by id
         return loss
 
     def _path(self, group: dict[str, Any], params: list[Tensor]) -> str:
@@ -267,15 +299,22 @@ class InstrumentedAdamW(torch.optim.AdamW):
 
         One device-to-host copy per device (this is the synchronisation point; call it on log steps only). Also
         measures ‖W‖² now, which closes the books: ``residual`` = ‖W‖²_now − ‖W‖²_start − Σ forces.
+
+        With FSDP2 (DTensor shards) every rank must call it: the per-shard partial sums of all tensors are combined
+        with **one** all-reduce per device table, and every rank gets the global values.
         """
         names: list[str] = []
         tables, w_now = [], []
         for device, stats in self._stats.items():
             if not stats.names:
                 continue
-            real = [torch.view_as_real(p) if p.is_complex() else p for p in self._tracked_params[device]]
+            local = [_local(p) for p in self._tracked_params[device]]
+            real = [torch.view_as_real(p) if p.is_complex() else p for p in local]
             w_sq = torch.stack([dot_f64(r, r) for r in real])
-            host = torch.cat((stats.table, w_sq[:, None]), dim=1).cpu().numpy()
+            packed = torch.cat((stats.table, w_sq[:, None]), dim=1)
+            if any(self._sharded_rows[device]):
+                packed = self._combine_shards(packed, device)
+            host = packed.cpu().numpy()
             names.extend(stats.names)
             tables.append(host[:, :-1])
             w_now.append(host[:, -1])
@@ -284,6 +323,19 @@ class InstrumentedAdamW(torch.optim.AdamW):
         if not names:
             return ForceReadout.empty()
         return ForceReadout.from_tables(names, np.concatenate(tables), np.concatenate(w_now))
+
+    def _combine_shards(self, packed: Tensor, device: torch.device) -> Tensor:
+        """Sum the additive columns over ranks in one all-reduce; rows of unsharded (replicated) tensors count
+        once (rank 0's), the per-step hyperparameters and counters stay local (identical on every rank)."""
+        import torch.distributed as dist
+
+        cols = torch.tensor(additive_columns() + [True], device=device)
+        sharded = torch.tensor(self._sharded_rows[device], device=device)
+        first = dist.get_rank(self._shard_group) == 0
+        weight = torch.where(sharded, 1.0, 1.0 if first else 0.0).to(packed.dtype)
+        contrib = torch.where(cols[None, :], packed * weight[:, None], torch.zeros_like(packed))
+        dist.all_reduce(contrib, group=self._shard_group)
+        return torch.where(cols[None, :], contrib, packed)
 
     def last_forces(self) -> ForceReadout:
         """Like :meth:`read_forces` without resetting the interval; ``.to_dict()`` gives the last step."""

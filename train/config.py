@@ -164,11 +164,11 @@ class CheckpointConfig:
 
 @dataclass
 class DistributedConfig:
-    strategy: str = "none"  # "none" or "ddp" (launch with torchrun)
+    strategy: str = "none"  # "none", "ddp" or "fsdp" (FSDP2 fully_shard per block); launch with torchrun
     backend: str | None = None  # None: nccl on CUDA, gloo on CPU
 
     def validate(self) -> None:
-        _choice("distributed.strategy", self.strategy, ("none", "ddp"))
+        _choice("distributed.strategy", self.strategy, ("none", "ddp", "fsdp"))
 
 
 @dataclass

@@ -279,15 +279,25 @@ class TokenData:
         return _rows(self.train, starts, L)
 
     def valid_batches(self, n_batches: int, rank: int = 0, world: int = 1):
-        """The first ``n_batches`` batches of contiguous validation chunks, in order (identical every eval)."""
+        """The first ``n_batches`` batches of contiguous validation chunks, in order (identical every eval).
+
+        Only whole global batches are used, so every rank runs the same number of forward passes (under FSDP a
+        forward pass is a collective); a validation split smaller than one batch is used whole by a single process.
+        """
         per = self.batch_size // world
         n_valid = (len(self.valid) - 1) // self.seq_len
-        for b in range(n_batches):
+        full = min(n_batches, n_valid // self.batch_size)
+        if full == 0:
+            if world > 1:
+                raise DataUnavailableError(
+                    f"{self.describe}: the validation split has {n_valid} sequences, fewer than one global batch "
+                    f"of {self.batch_size}; several ranks need at least one"
+                )
+            yield _rows(self.valid, [i * self.seq_len for i in range(n_valid)], self.seq_len)
+            return
+        for b in range(full):
             first = b * self.batch_size + rank * per
-            idx = [i for i in range(first, first + per) if i < n_valid]
-            if not idx:
-                return
-            yield _rows(self.valid, [i * self.seq_len for i in idx], self.seq_len)
+            yield _rows(self.valid, [i * self.seq_len for i in range(first, first + per)], self.seq_len)
 
     @property
     def epoch_tokens(self) -> int:

@@ -65,6 +65,31 @@ def _environment(device: torch.device, world: int) -> dict:
     )
 
 
+def shard_model(model) -> None:
+    """FSDP2: shard every transformer block (the model's ``_no_split_modules``), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    block_types = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_types]
+    if not blocks:
+        raise RuntimeError(f"{type(model).__name__} names no transformer block class (_no_split_modules) to shard")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def save_snapshot(run_dir: Path, step: int, model, optimizer, fsdp: bool, main: bool) -> None:
+    """Numbered weight snapshot; under FSDP every rank helps gather the full state dict and rank 0 writes it."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if main:
+            ckpt.save_snapshot(run_dir, step, model, None, state_dict=full)
+    elif main:
+        ckpt.save_snapshot(run_dir, step, model, optimizer)
+
+
 def checkpoint_steps(cfg: Config) -> set[int]:
     """Numbered snapshots: step 0 (init), the log-spaced early steps, every ``checkpoint.every``, the last."""
     total = cfg.schedule.total_steps
@@ -101,7 +126,7 @@ def train(cfg: Config) -> Path:
     if cfg.distributed.strategy == "none" and world > 1:
         raise RuntimeError(f"launched with {world} processes but distributed.strategy=none; set it to ddp")
     device = _device(cfg.run.device, local_rank)
-    if cfg.distributed.strategy == "ddp" and not dist.is_initialized():
+    if cfg.distributed.strategy in ("ddp", "fsdp") and not dist.is_initialized():
         backend = cfg.distributed.backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend)
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -123,6 +148,9 @@ def train(cfg: Config) -> Path:
     model = build_model(cfg.model).to(device)
     if model.config.vocab_size <= int(max(data.train.max(), data.valid.max())):
         raise ValueError(f"model.vocab_size={model.config.vocab_size} is too small for the token ids of the data")
+    fsdp = cfg.distributed.strategy == "fsdp"
+    if fsdp:
+        shard_model(model)  # before the optimizer: it must see the DTensor shards
     opt = InstrumentedAdamW(
         model.named_parameters(),
         lr=cfg.optim.lr,
@@ -138,7 +166,8 @@ def train(cfg: Config) -> Path:
 
     start, resumed = 0, {}
     if cfg.run.resume and ckpt.latest_resume_step(run_dir) is not None:
-        start, resumed = ckpt.load_resume(run_dir, model, opt)
+        load = ckpt.load_resume_sharded if fsdp else ckpt.load_resume
+        start, resumed = load(run_dir, model, opt)
     step_model = model
     if cfg.distributed.strategy == "ddp":
         step_model = torch.nn.parallel.DistributedDataParallel(
@@ -153,7 +182,8 @@ def train(cfg: Config) -> Path:
     )
 
     # ------------------------------------------------------------------ run directory and logging (rank 0)
-    monitor = None
+    # Every rank has a monitor (under FSDP reading forces and fitting are collectives); only rank 0's has sinks.
+    sinks = []
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
@@ -173,19 +203,20 @@ def train(cfg: Config) -> Path:
             )
         if cfg.logging.tensorboard:
             sinks.append(TensorBoardSink(run_dir / "tensorboard", purge_step=start + 1 if start else None))
-        monitor = ForceMonitor(
-            opt,
-            model,
-            sinks,
-            log_every=cfg.logging.log_every,
-            weibull_every=cfg.logging.weibull_every,
-            per_tensor=cfg.logging.per_tensor,
-        )
-        monitor.load_state_dict(resumed.get("monitor", {}))
-        if start == 0:
-            if cfg.logging.weibull_every:
-                monitor.fit(0)  # the initial distribution: λ(t) starts here
-            ckpt.save_snapshot(run_dir, 0, model)
+    monitor = ForceMonitor(
+        opt,
+        model,
+        sinks,
+        log_every=cfg.logging.log_every,
+        weibull_every=cfg.logging.weibull_every,
+        per_tensor=cfg.logging.per_tensor,
+    )
+    monitor.load_state_dict(resumed.get("monitor", {}))
+    fit_here = main or fsdp  # fits gather full tensors under FSDP: every rank takes part
+    if start == 0:
+        if cfg.logging.weibull_every and fit_here:
+            monitor.fit(0)  # the initial distribution: λ(t) starts here
+        save_snapshot(run_dir, 0, model, None, fsdp, main)
     snapshots = checkpoint_steps(cfg)
 
     # ------------------------------------------------------------------ loop
@@ -225,24 +256,24 @@ def train(cfg: Config) -> Path:
             scalars = {"loss": mean_loss, "lr": lr, "throughput(tok/s)": steps_since * tokens_per_step / elapsed}
             if done % cfg.logging.eval_every == 0 or done == total:
                 scalars["val_loss"] = evaluate(model, data, cfg, device, autocast, rank, world)
-            if main:
-                record = monitor.log(done, **scalars)
-                if progress is not None:
-                    share = record.get("Transmission/align_share", float("nan"))
-                    progress.set_postfix(
-                        loss=f"{mean_loss:.3f}", tok_s=f"{scalars['throughput(tok/s)']:.0f}", align=f"{share:.3f}"
-                    )
-            else:
-                opt.read_forces(reset=True)  # keep every replica's interval in step with rank 0's
+            record = monitor.log(done, **scalars)  # every rank: its interval restarts with rank 0's
+            if progress is not None:
+                share = record.get("Transmission/align_share", float("nan"))
+                progress.set_postfix(
+                    loss=f"{mean_loss:.3f}", tok_s=f"{scalars['throughput(tok/s)']:.0f}", align=f"{share:.3f}"
+                )
             loss_sum.zero_()
             t_last, steps_since = time.perf_counter(), 0
-        if main and cfg.logging.weibull_every and done % cfg.logging.weibull_every == 0:
+        if fit_here and cfg.logging.weibull_every and done % cfg.logging.weibull_every == 0:
             monitor.fit(done)
-        if main and done in snapshots:
-            ckpt.save_snapshot(run_dir, done, model, opt if cfg.checkpoint.save_optimizer else None)
+        if done in snapshots:
+            save_snapshot(run_dir, done, model, opt if cfg.checkpoint.save_optimizer else None, fsdp, main)
         if done % cfg.checkpoint.resume_every == 0 or done == total:
-            if main:
-                ckpt.save_resume(run_dir, done, model, opt, extra={"monitor": monitor.state_dict()})
+            extra = {"monitor": monitor.state_dict()}
+            if fsdp:
+                ckpt.save_resume_sharded(run_dir, done, model, opt, extra)
+            elif main:
+                ckpt.save_resume(run_dir, done, model, opt, extra=extra)
             if world > 1:
                 dist.barrier()
         if progress is not None:
@@ -250,8 +281,7 @@ def train(cfg: Config) -> Path:
 
     if progress is not None:
         progress.close()
-    if monitor is not None:
-        monitor.close()
+    monitor.close()
     if world > 1:
         dist.barrier()
     return run_dir
