@@ -16,32 +16,9 @@ import statistics
 import time
 
 import torch
+from shapes import make_params
 
 from instrumented_adamw import InstrumentedAdamW
-
-# GPT-NeoX Pythia-70M: vocab 50304 (padded), d_model 512, 6 layers, FFN 2048, untied embeddings
-# (EleutherAI/pythia-70m config.json). 70,426,624 parameters.
-VOCAB, D, LAYERS, FFN = 50304, 512, 6, 2048
-
-
-def pythia70m_shapes() -> list[tuple[int, ...]]:
-    shapes: list[tuple[int, ...]] = [(VOCAB, D)]
-    for _ in range(LAYERS):
-        shapes += [(D,), (D,), (D,), (D,)]  # input / post-attention LayerNorm weight and bias
-        shapes += [(3 * D, D), (3 * D,), (D, D), (D,)]  # fused QKV, attention output
-        shapes += [(FFN, D), (FFN,), (D, FFN), (D,)]  # dense_h_to_4h, dense_4h_to_h
-    shapes += [(D,), (D,), (VOCAB, D)]  # final LayerNorm, embed_out
-    return shapes
-
-
-def make_params(seed: int = 0) -> list[torch.nn.Parameter]:
-    g = torch.Generator().manual_seed(seed)
-    params = []
-    for shape in pythia70m_shapes():
-        p = torch.nn.Parameter(0.02 * torch.randn(shape, generator=g))
-        p.grad = 1e-3 * torch.randn(shape, generator=g)
-        params.append(p)
-    return params
 
 
 def time_steps(opt: torch.optim.Optimizer, warmup: int, repeats: int) -> float:

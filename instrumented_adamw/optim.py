@@ -63,6 +63,12 @@ class InstrumentedAdamW(torch.optim.AdamW):
     exactly as torch's would, are counted in ``nonfinite_steps`` and kept out of the interval sums; steps skipped
     by ``GradScaler`` record nothing.
 
+    Update paths: single-tensor and foreach mirror torch's op for op (bitwise equal). ``fused=True`` on CUDA runs
+    our single-pass Triton kernel (``triton_adamw``): update and reductions in one read of p, g, m, v, with
+    parameters within fp32 rounding of torch's fused AdamW (not bitwise: fp32 math in another order). Elsewhere,
+    and for capturable/differentiable without fused, torch's own functional AdamW does the update and a post-pass
+    takes the reductions (bitwise equal).
+
     Args:
         params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable, fused: as
             :class:`torch.optim.AdamW` (same positions and defaults). ``model.named_parameters()`` keeps the names;
@@ -115,6 +121,8 @@ class InstrumentedAdamW(torch.optim.AdamW):
         self._tracked_params: dict[torch.device, list[Tensor]] = {}
         self._arena = Arena()
         self._calls = 0
+        self._plans: dict[tuple[torch.device, torch.dtype], Any] = {}  # Triton launch tables per bucket
+        self._kernel_launches = 0
         super().__init__(
             params,
             lr,
@@ -242,7 +250,12 @@ class InstrumentedAdamW(torch.optim.AdamW):
 
             path = self._path(group, local[0])
             arena = self._arena if params[0].device.type == "cpu" else None
-            if path == "delegated":
+            if path == "triton":
+                reductions = self._triton_step(
+                    *lists, beta1=beta1, beta2=beta2, grad_scale=grad_scale, found_inf=found_inf, **common
+                )
+                skip = found_inf
+            elif path == "delegated":
                 reductions = delegated_adamw(
                     *lists,
                     has_complex=has_complex,
@@ -270,8 +283,27 @@ class InstrumentedAdamW(torch.optim.AdamW):
                 self._record(params, reductions, lr, weight_decay, skip)  # original params: rows are keyed by id
         return loss
 
+    @staticmethod
+    def _triton_device(device: torch.device) -> bool:
+        """Whether the single-pass Triton kernel serves ``fused=True`` on this device (CUDA with Triton)."""
+        if device.type != "cuda":
+            return False
+        try:
+            import triton  # noqa: F401 - CUDA builds of torch ship it
+        except ImportError:
+            return False
+        return True
+
     def _path(self, group: dict[str, Any], params: list[Tensor]) -> str:
-        """Same choice as ``torch.optim.adam.adam``; fused, capturable and differentiable delegate to torch."""
+        """Same choice as ``torch.optim.adam.adam``. ``fused=True`` on CUDA runs our single-pass Triton kernel
+        (update + reductions); elsewhere fused, capturable and differentiable delegate to torch's own update."""
+        if (
+            group["fused"]
+            and not group["differentiable"]
+            and self._triton_device(params[0].device)
+            and all(p.is_contiguous() and not p.is_complex() for p in params)
+        ):
+            return "triton"
         if group["fused"] or group["capturable"] or group["differentiable"]:
             return "delegated"
         foreach = group["foreach"]
@@ -280,6 +312,38 @@ class InstrumentedAdamW(torch.optim.AdamW):
             if foreach and isinstance(group["lr"], Tensor):
                 foreach = False
         return "foreach" if foreach else "single"
+
+    def _triton_step(
+        self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, tracked, *, amsgrad, beta1, beta2,
+        lr, weight_decay, eps, maximize, grad_scale, found_inf,
+    ):  # fmt: skip
+        """One launch pair per (device, dtype) bucket; steps stay on the device (no host sync)."""
+        from .triton_adamw import fused_adamw_reduce
+
+        torch._foreach_add_(state_steps, 1)
+        buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            buckets.setdefault((p.device, p.dtype), []).append(i)
+        out = {}
+        for key, idx in buckets.items():
+
+            def pick(xs, idx=idx):
+                return [xs[i].detach() for i in idx]
+
+            grads_b = [grads[i].contiguous() for i in idx]
+            steps = torch.stack([state_steps[i].to(params[idx[0]].device) for i in idx]).float()
+            red, self._plans[key] = fused_adamw_reduce(
+                pick(params), grads_b, pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else [],
+                steps, lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad,
+                maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, plan=self._plans.get(key),
+            )  # fmt: skip
+            self._kernel_launches += 1
+            for j, i in enumerate(idx):
+                if tracked[i]:
+                    out[i] = red[j]
+        if found_inf is not None:  # a skipped step does not count, as in torch's fused AdamW
+            torch._foreach_sub_(state_steps, [found_inf.to(s.device) for s in state_steps])
+        return out
 
     def _record(self, params: list[Tensor], reductions, lr, weight_decay, skip: Tensor | None) -> None:
         by_device: dict[torch.device, tuple[list[int], list[Tensor]]] = {}

@@ -9,9 +9,12 @@ from helpers import reference_reductions, set_grads, twin_optimizers
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("flags", [{"foreach": True}, {"foreach": False}, {"fused": True}, {"capturable": True}])
+@pytest.mark.parametrize(
+    "flags",
+    [{"foreach": True}, {"foreach": False}, {"fused": True}, {"capturable": True}, {"fused": True, "capturable": True}],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_bitwise_parity_and_reductions(flags, dtype):
+def test_cuda_parity_and_reductions(flags, dtype):
     pa, ref, pb, ours = twin_optimizers(flags, dtype, 0.01, device="cuda")
     for s in range(50):
         for params in (pa, pb):
@@ -21,7 +24,13 @@ def test_cuda_bitwise_parity_and_reductions(flags, dtype):
         ours.step()
     torch.cuda.synchronize()
     for a, b in zip(pa.values(), pb.values(), strict=True):
-        assert torch.equal(a, b)
+        if flags.get("fused"):
+            # Our single-pass Triton kernel: fp32 math in another order than torch's fused kernel. fp32: 1e-5
+            # relative after 50 steps; bf16 storage: a few bf16 ulps.
+            tol = 1e-5 if dtype == torch.float32 else 3e-2
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * 0.02)
+        else:
+            assert torch.equal(a, b)  # delegated or mirrored paths: bitwise
     r = ours.last_forces()
     for name, p in pb.items():
         wu, uu, ww = reference_reductions(
@@ -29,3 +38,41 @@ def test_cuda_bitwise_parity_and_reductions(flags, dtype):
         )
         last = r.to_dict()[name]
         assert last["u_sq"] == pytest.approx(uu, rel=1e-5) and last["w_sq"] == pytest.approx(ww, rel=1e-5)
+
+
+def test_cuda_triton_kernel_is_deterministic_and_graph_capturable():
+    from helpers import make_params, param_groups
+
+    from instrumented_adamw import InstrumentedAdamW
+
+    runs = []
+    for _ in range(2):
+        params = make_params(device="cuda")
+        opt = InstrumentedAdamW(param_groups(params, 0.01), fused=True)
+        for s in range(5):
+            set_grads(params, s)
+            opt.step()
+        runs.append((opt.read_forces().interval, [p.detach().clone() for p in params.values()]))
+    assert (runs[0][0] == runs[1][0]).all()
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+    assert opt._kernel_launches > 0
+    # CUDA graph: capturable + fused, lr as a device tensor; warm-up steps build the launch tables first.
+    params = make_params(device="cuda")
+    opt = InstrumentedAdamW(param_groups(params, 0.01), fused=True, capturable=True)
+    for g in opt.param_groups:
+        g["lr"] = torch.tensor(g["lr"], device="cuda")
+    set_grads(params, 0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    opt.read_forces()
+    for _ in range(4):
+        graph.replay()
+    r = opt.read_forces()
+    assert (r.steps == 4).all() and r.interval[:, 1].min() > 0
