@@ -18,21 +18,16 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from common import add_model_args, small_neox
 
 from instrumented_adamw import InstrumentedAdamW
-from train.config import ModelConfig
 from train.loop import shard_model
-from train.models import build_model
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
+    add_model_args(p)
     p.add_argument("--log-every", type=int, default=10)
     args = p.parse_args()
     cuda = torch.cuda.is_available()
@@ -40,10 +35,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-                      num_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden)  # fmt: skip
-    model = build_model(cfg).to(device)
+    model = small_neox(args).to(device)
     shard_model(model)
     opt = InstrumentedAdamW(model.named_parameters(), lr=1e-3, weight_decay=0.01)
     x = torch.randint(0, args.vocab, (args.batch // world, args.seq + 1), device=device)

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 
 import torch
-from shapes import PYTHIA, make_params, pythia_shapes
+from common import PYTHIA, cuda_median_ms, make_params, pythia_shapes
 
 from instrumented_adamw import InstrumentedAdamW
 
@@ -27,21 +26,7 @@ def copy_bandwidth(nbytes: int = 2 << 30, repeats: int = 20) -> float:
     """Bytes read + written per second by a large device-to-device copy."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
     dst = torch.empty_like(src)
-    return 2 * nbytes / (median_ms(lambda: dst.copy_(src), repeats) / 1e3)
-
-
-def median_ms(fn, repeats: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return 2 * nbytes / (cuda_median_ms(lambda: dst.copy_(src), repeats) / 1e3)
 
 
 def step_ms(cls, kw: dict, name: str, sets: int, repeats: int) -> float:
@@ -52,7 +37,7 @@ def step_ms(cls, kw: dict, name: str, sets: int, repeats: int) -> float:
         opts[turn[0] % sets].step()
         turn[0] += 1
 
-    return median_ms(step, repeats)
+    return cuda_median_ms(step, repeats)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import statistics
 import time
 
 import torch
-from shapes import make_params
+from common import make_params
 
 from instrumented_adamw import InstrumentedAdamW
 

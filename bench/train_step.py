@@ -11,10 +11,10 @@ tokens/s of torch's fused AdamW.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
+from common import cuda_median_ms
 
 from instrumented_adamw import InstrumentedAdamW
 from train.config import ModelConfig
@@ -35,17 +35,7 @@ def tokens_per_s(make_opt, steps: int, batch: int, seq: int) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(10):
-        step()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return batch * seq / statistics.median(times)
+    return batch * seq / (cuda_median_ms(step, steps, warmup=10) / 1e3)
 
 
 def main() -> None:

@@ -513,7 +513,7 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, spacings: Se
 
 
 def figure_closed_loop(run: RunLog, path: Path, cls: str = "Transmission") -> dict[str, Any]:
-    from .report import _plt
+    from .report import _plt, save_figure
 
     plt = _plt()
     exact = closed_loop(run, cls, "initial_ratio", "exact")
@@ -531,14 +531,12 @@ def figure_closed_loop(run: RunLog, path: Path, cls: str = "Transmission") -> di
     ax.set_title(f"{run.name}: {cls} λ predicted from ‖W‖²(0) + Σ forces, bridge = λ/RMS at init")
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return dict(exact=exact, published=pub)
 
 
 def figure_spline(summary: dict[str, Any], path: Path, cls: str) -> None:
-    from .report import _plt
+    from .report import _plt, save_figure
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -557,6 +555,4 @@ def figure_spline(summary: dict[str, Any], path: Path, cls: str) -> None:
     ax.set_title("spline displacement recovery from checkpoints, full tensors")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

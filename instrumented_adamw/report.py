@@ -166,6 +166,13 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path) -> None:
+    """Tight layout, PNG at 110 dpi, and close (figures are made in loops over runs: free them)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def figure_forces(run: RunLog, path: Path, cls: str = "Transmission") -> dict[str, np.ndarray]:
     plt = _plt()
     s = force_series(run, cls)
@@ -187,9 +194,7 @@ def figure_forces(run: RunLog, path: Path, cls: str = "Transmission") -> dict[st
     ax2.set_xlabel("optimizer step")
     ax2.set_ylim(0, 100)
     ax2.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return s
 
 
@@ -208,9 +213,7 @@ def figure_align_share(runs: list[RunLog], path: Path, cls: str = "Transmission"
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return plotted
 
 
@@ -238,9 +241,7 @@ def figure_lambda(run: RunLog, path: Path, cls: str = "Transmission", trim: floa
     ax2.set_xlabel("optimizer step")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return series, band
 
 
@@ -257,9 +258,7 @@ def figure_peak_lambda(runs: list[RunLog], path: Path, cls: str = "Transmission"
     ax.set_ylabel(f"peak {cls} λ (weight units)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return ours
 
 
