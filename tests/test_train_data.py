@@ -127,3 +127,19 @@ def test_bad_inputs_are_named(corpus, tmp_path):
         D.build_data(local_cfg(corpus, tokenizer=str(tmp_path / "missing.json")), seed=1)
     with pytest.raises(D.DataUnavailableError, match="fewer than one sequence"):
         D.build_data(local_cfg(corpus, seq_len=100_000), seed=1)
+
+
+def test_hub_probe_answers_fast(monkeypatch):
+    import time
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://127.0.0.1:9")  # nothing listens there
+    t0 = time.perf_counter()
+    assert D.hub_reachable(timeout=2.0) is False
+    assert time.perf_counter() - t0 < 3.0
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert D.hub_reachable() is True  # behind a proxy the client is left to try

@@ -90,11 +90,15 @@ def local_documents(files: list[Path]) -> Iterator[str]:
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
-    """Whether the Hugging Face endpoint answers a TCP connect within ``timeout`` (no 20 s retry loops)."""
+    """Whether the Hugging Face endpoint answers a TCP connect within ``timeout`` (no 20 s retry loops).
+
+    Offline mode answers no at once; with a proxy configured the probe is skipped (the client goes through it)."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # behind a proxy a direct connect proves nothing: let the hub client try (and report)
     url = urlparse(constants.ENDPOINT)
     try:
         with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
