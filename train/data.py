@@ -27,7 +27,9 @@ import torch
 
 from .config import DataConfig
 
-CACHE_VERSION = 1
+#: Part of every cache key: bump it whenever tokenization, document joining or the synthetic generator change, so
+#: an old cache is never served for new code (version 2: the synthetic corpus generates exactly n tokens).
+CACHE_VERSION = 2
 #: Articles of WikiText files start with a " = Title = " line (subsections use " = = ... = = ").
 _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
 _TEXT_SUFFIXES = (".txt", ".raw", ".tokens")
