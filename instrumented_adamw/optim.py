@@ -121,7 +121,7 @@ class InstrumentedAdamW(torch.optim.AdamW):
         self._tracked_params: dict[torch.device, list[Tensor]] = {}
         self._arena = Arena()
         self._calls = 0
-        self._plans: dict[tuple[torch.device, torch.dtype], Any] = {}  # Triton launch tables per bucket
+        self._plans: dict[tuple[int, torch.device, torch.dtype], Any] = {}  # Triton launch tables per group bucket
         self._kernel_launches = 0
         super().__init__(
             params,
@@ -226,7 +226,7 @@ class InstrumentedAdamW(torch.optim.AdamW):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
 
-        for group in self.param_groups:
+        for g_index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             exp_avgs: list[Tensor] = []
@@ -252,8 +252,9 @@ class InstrumentedAdamW(torch.optim.AdamW):
             arena = self._arena if params[0].device.type == "cpu" else None
             if path == "triton":
                 reductions = self._triton_step(
-                    *lists, beta1=beta1, beta2=beta2, grad_scale=grad_scale, found_inf=found_inf, **common
-                )
+                    *lists, group_index=g_index, beta1=beta1, beta2=beta2, grad_scale=grad_scale,
+                    found_inf=found_inf, **common,
+                )  # fmt: skip
                 skip = found_inf
             elif path == "delegated":
                 reductions = delegated_adamw(
@@ -314,16 +315,16 @@ class InstrumentedAdamW(torch.optim.AdamW):
         return "foreach" if foreach else "single"
 
     def _triton_step(
-        self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, tracked, *, amsgrad, beta1, beta2,
-        lr, weight_decay, eps, maximize, grad_scale, found_inf,
+        self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, tracked, *, group_index, amsgrad,
+        beta1, beta2, lr, weight_decay, eps, maximize, grad_scale, found_inf,
     ):  # fmt: skip
-        """One launch pair per (device, dtype) bucket; steps stay on the device (no host sync)."""
+        """One launch pair per (device, dtype) bucket of a group; steps stay on the device (no host sync)."""
         from .triton_adamw import fused_adamw_reduce
 
         torch._foreach_add_(state_steps, 1)
         buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(params):
-            buckets.setdefault((p.device, p.dtype), []).append(i)
+            buckets.setdefault((group_index, p.device, p.dtype), []).append(i)
         out = {}
         for key, idx in buckets.items():
 

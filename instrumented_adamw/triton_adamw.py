@@ -121,7 +121,13 @@ _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16
 
 
 class LaunchPlan:
-    """Device tables of one bucket (pointers, sizes, block table), rebuilt only when the tensors change."""
+    """Device tables of one bucket (pointers, sizes, block table).
+
+    The storage of parameters and moments does not move between steps, so their tables are built once (the key
+    is their data pointers). Gradients are new tensors after every ``zero_grad(set_to_none=True)``: their pointer
+    table is refreshed through a pinned host buffer and an asynchronous copy, so a step never waits on the
+    device for it (an event guards the buffer against overwriting a copy still in flight).
+    """
 
     def __init__(self, tensors: list[list[Tensor]], block: int = BLOCK) -> None:
         params = tensors[0]
@@ -132,6 +138,11 @@ class LaunchPlan:
             torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=device) if ts else self.numels
             for ts in tensors
         ]
+        pin = device.type == "cuda"
+        self._grad_host = torch.zeros(len(params), dtype=torch.int64, pin_memory=pin)
+        self.grad_ptrs = torch.zeros(len(params), dtype=torch.int64, device=device)
+        self._grad_key: tuple[int, ...] | None = None
+        self._grad_copied = torch.cuda.Event() if pin else None
         counts = [max(1, -(-p.numel() // block)) for p in params]
         owner, starts = [], []
         for i, c in enumerate(counts):
@@ -147,6 +158,18 @@ class LaunchPlan:
         self.programs = len(owner)
         self.betas: tuple[float, float] | None = None
         self.log_betas: Tensor | None = None
+
+    def set_grads(self, grads: list[Tensor]) -> Tensor:
+        key = tuple(g.data_ptr() for g in grads)
+        if key != self._grad_key:
+            if self._grad_copied is not None:
+                self._grad_copied.synchronize()  # the previous copy from the buffer (a step ago) is done
+            self._grad_host.copy_(torch.tensor(key, dtype=torch.int64))
+            self.grad_ptrs.copy_(self._grad_host, non_blocking=True)
+            if self._grad_copied is not None:
+                self._grad_copied.record()
+            self._grad_key = key
+        return self.grad_ptrs
 
 
 def fused_adamw_reduce(
@@ -182,9 +205,12 @@ def fused_adamw_reduce(
         for t in ts:
             if t.dtype != dtype or not t.is_contiguous() or t.device != device:
                 raise ValueError("fused_adamw_reduce needs contiguous tensors of one device and dtype per bucket")
-    key = tuple(tuple(t.data_ptr() for t in ts) for ts in lists)
+    static = [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []]
+    key = tuple(tuple(t.data_ptr() for t in ts) for ts in static)
     if plan is None or plan.key != key:
-        plan = LaunchPlan(lists)
+        plan = LaunchPlan(static)
+    p_ptrs, m_ptrs, v_ptrs, vmax_ptrs = plan.ptrs
+    g_ptrs = plan.set_grads(grads)
     lr_t = lr.reshape(1).to(device) if isinstance(lr, Tensor) else torch.full((1,), lr, device=device)
     if plan.betas != (beta1, beta2):
         plan.log_betas = torch.tensor([math.log(beta1), math.log(beta2)], dtype=torch.float64, device=device)
@@ -192,7 +218,8 @@ def fused_adamw_reduce(
     dummy = torch.zeros(1, device=device)
     partials = torch.empty(plan.programs, 3, dtype=torch.float32, device=device)
     _adamw_block[(plan.programs,)](
-        plan.block_tensor, plan.block_start, *plan.ptrs, plan.numels, steps, plan.log_betas, lr_t,
+        plan.block_tensor, plan.block_start, p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, plan.numels, steps,
+        plan.log_betas, lr_t,
         grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
         partials, float(weight_decay), float(beta1), float(beta2), float(eps),
         DTYPE=_DTYPES[dtype], AMSGRAD=amsgrad, MAXIMIZE=maximize, HAS_SCALE=grad_scale is not None,

@@ -140,12 +140,16 @@ def test_optimizer_fused_path_uses_the_kernel(monkeypatch):
     params, ref_params = make_params(), make_params()
     ours = InstrumentedAdamW(param_groups(params, 0.01), fused=True)
     ref = torch.optim.AdamW(param_groups(ref_params, 0.01, named=False), foreach=False)
+    plans = None
     for step in range(20):
-        set_grads(params, step)
+        set_grads(params, step)  # new gradient tensors every step, as after zero_grad(set_to_none=True)
         set_grads(ref_params, step)
         pre = {n: p.detach().clone() for n, p in params.items()}
         ours.step()
         ref.step()
+        plans = plans or dict(ours._plans)
+    # One launch plan per (group, device, dtype), built once: new gradients only refresh their pointer table.
+    assert len(plans) == 2 and all(ours._plans[k] is plan for k, plan in plans.items())
     for n in params:
         torch.testing.assert_close(params[n], ref_params[n], rtol=1e-5, atol=1e-7)
     last = ours.last_forces().to_dict()
