@@ -36,7 +36,7 @@ def test_base_chain_and_paper_recipes():
     assert llama.optim == pythia.optim and llama.data.hf_name == "wikitext-103-raw-v1"
     cont = load_config(CONFIGS / "continue_from_pythia70m.yaml")
     assert cont.model.pretrained == "EleutherAI/pythia-70m"
-    for name in ("lr_sweep", "weight_decay_sweep", "local_corpus", "demo"):
+    for name in ("lr_sweep", "weight_decay_sweep", "local_corpus", "demo", "pythia70m_tokens"):
         assert isinstance(load_config(CONFIGS / f"{name}.yaml"), Config)
 
 
@@ -47,7 +47,7 @@ def test_base_chain_and_paper_recipes():
         ("optim.lr=-1", "optim.lr must be > 0"),
         ("optim.lr=fast", "optim.lr must be a number"),
         ("data.seq_len=1.5", "data.seq_len must be an integer"),
-        ("data.source=s3", r"data.source must be one of \['hf', 'local', 'synthetic'\]"),
+        ("data.source=s3", r"data.source must be one of \['hf', 'local', 'tokens', 'synthetic'\]"),
         ("logging.progress=maybe", "logging.progress must be true or false"),
         ("optim.betas=[0.9]", r"optim.betas needs 2 values"),
         ("nosection.x=1", r"unknown key\(s\) \['nosection'\] in the top level"),

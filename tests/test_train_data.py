@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -143,3 +145,23 @@ def test_hub_probe_answers_fast(monkeypatch):
     assert time.perf_counter() - t0 < 3.0
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     assert D.hub_reachable() is True  # behind a proxy the client is left to try
+
+
+def test_pretokenized_export_trains_on_the_same_batches(corpus, tmp_path):
+    from train.pretokenize import main
+
+    cfg = local_cfg(corpus)
+    assert main([str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"), str(tmp_path / "tok"),
+                 "data.source=local", f"data.train_files=[{corpus / 'train' / '*'}]",
+                 f"data.valid_files=[{corpus / 'valid.txt'}]", f"data.tokenizer={corpus / 'tokenizer.json'}",
+                 "data.seq_len=16", "data.batch_size=4", f"data.cache_dir={corpus / 'cache'}"]) == 0  # fmt: skip
+    original = D.build_data(cfg, seed=1)
+    tokens = D.build_data(
+        DataConfig(source="tokens", train_files=[str(tmp_path / "tok" / "train.bin")],
+                   valid_files=[str(tmp_path / "tok" / "valid.bin")], seq_len=16, batch_size=4), seed=1
+    )  # fmt: skip
+    assert np.array_equal(tokens.train, original.train) and np.array_equal(tokens.valid, original.valid)
+    assert all(np.array_equal(tokens.batch(s)[0], original.batch(s)[0]) for s in range(3))
+    (tmp_path / "odd.bin").write_bytes(b"abc")
+    with pytest.raises(D.DataUnavailableError, match="not a uint16 token file"):
+        D.build_data(DataConfig(source="tokens", train_files=[str(tmp_path / "odd.bin")]), seed=1)

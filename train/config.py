@@ -55,10 +55,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # "hf" (datasets hub), "local" (text/parquet files), "synthetic" (generated)
+    # "hf" (datasets hub), "local" (text/parquet files), "tokens" (pre-tokenized uint16 .bin files, see
+    # train/pretokenize.py), "synthetic" (generated)
+    source: str = "synthetic"
     hf_path: str = "Salesforce/wikitext"
     hf_name: str = "wikitext-103-raw-v1"
-    train_files: list[str] = field(default_factory=list)  # local: files or globs (.txt, .raw, .tokens, .parquet)
+    train_files: list[str] = field(default_factory=list)  # local: .txt/.raw/.tokens/.parquet; tokens: .bin
     valid_files: list[str] = field(default_factory=list)  # local: empty = hold out the tail of the training tokens
     tokenizer: str = "EleutherAI/pythia-70m"  # a hub id, or a path to tokenizer.json
     seq_len: int = 512
@@ -72,12 +74,14 @@ class DataConfig:
     synthetic_seed: int = 1234
 
     def validate(self) -> None:
-        _choice("data.source", self.source, ("hf", "local", "synthetic"))
+        _choice("data.source", self.source, ("hf", "local", "tokens", "synthetic"))
         _choice("data.windows", self.windows, ("chunks", "random"))
         _positive("data.seq_len", self.seq_len)
         _positive("data.batch_size", self.batch_size)
-        if self.source == "local" and not self.train_files:
-            raise ConfigError("data.source=local needs data.train_files (e.g. data.train_files=[corpus/*.txt])")
+        if self.source in ("local", "tokens") and not self.train_files:
+            raise ConfigError(
+                f"data.source={self.source} needs data.train_files (e.g. data.train_files=[corpus/*.txt])"
+            )
         if not 0.0 < self.valid_fraction < 0.5:
             raise ConfigError(f"data.valid_fraction must be in (0, 0.5), got {self.valid_fraction}")
         if self.synthetic_vocab < 4 or self.synthetic_vocab > 65535:

@@ -336,6 +336,15 @@ def build_data(cfg: DataConfig, seed: int) -> TokenData:
         describe = f"synthetic Markov corpus (vocab {cfg.synthetic_vocab}, seed {cfg.synthetic_seed})"
         return _wrap(cfg, seed, train.tokens, valid.tokens, describe)
 
+    if cfg.source == "tokens":
+        # Pre-tokenized uint16 streams (documents already joined with EOS): no tokenizer, no cache.
+        train_tokens = _concat_tokens(expand_files(cfg.train_files))
+        if cfg.valid_files:
+            valid = _concat_tokens(expand_files(cfg.valid_files))
+        else:
+            train_tokens, valid = _hold_out(train_tokens, cfg.valid_fraction)
+        return _wrap(cfg, seed, train_tokens, valid, f"token files {cfg.train_files}")
+
     tok = load_tokenizer(cfg.tokenizer)
     if cfg.source == "local":
         train_files = expand_files(cfg.train_files)
@@ -361,6 +370,28 @@ def build_data(cfg: DataConfig, seed: int) -> TokenData:
         lambda: _tokenize(hub_documents(cfg.hf_path, cfg.hf_name, "validation"), tok),
     )
     return _wrap(cfg, seed, train.tokens, valid.tokens, f"{cfg.hf_path} ({cfg.hf_name})")
+
+
+def _concat_tokens(files: list[Path]) -> np.ndarray:
+    for f in files:
+        if f.suffix != ".bin" or f.stat().st_size % 2:
+            raise DataUnavailableError(f"{f} is not a uint16 token file (.bin, an even number of bytes)")
+    parts = [np.memmap(f, dtype=np.uint16, mode="r") for f in files]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def export_tokens(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]:
+    """Write the training and validation token streams of ``cfg`` as ``train.bin`` / ``valid.bin`` (uint16) plus
+    ``tokens.json`` (where they came from): what a machine without the raw text trains on with data.source=tokens."""
+    data = build_data(cfg, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"train": out / "train.bin", "valid": out / "valid.bin"}
+    for split, arr in (("train", data.train), ("valid", data.valid)):
+        np.asarray(arr, dtype=np.uint16).tofile(files[split])
+    meta = dict(source=data.describe, train_tokens=len(data.train), valid_tokens=len(data.valid),
+                tokenizer=cfg.tokenizer, cache_version=CACHE_VERSION)  # fmt: skip
+    (out / "tokens.json").write_text(json.dumps(meta, indent=1))
+    return files
 
 
 def _synthetic_valid(cfg: DataConfig, n: int) -> np.ndarray:
