@@ -296,7 +296,7 @@ def validate_spline(
     if not truth:
         raise ValueError(f"{run.path}: no per-tensor last-step force records of class {cls}")
     lr = _schedule_from_config(run)
-    cum = np.concatenate(([0.0], np.cumsum([lr(s) for s in range(max(ckpts) + 1)])))
+    cum = _cumulative_lr(lr, max(ckpts))
 
     names = sorted({n for n, _ in truth})
     results: dict[str, Any] = {}
@@ -323,6 +323,11 @@ def validate_spline(
                 ratios[m].extend((rec / true).tolist())
         results[str(spacing)] = {m: _ratio_summary(np.array(r)) for m, r in ratios.items()}
     return dict(cls=cls, spacings=results)
+
+
+def _cumulative_lr(lr: Callable[[int], float], last_step: int) -> np.ndarray:
+    """u[s] = Σ_{r<s} η_r for s = 0 … last_step + 1: the time axis of the ``lr_time`` spline."""
+    return np.concatenate(([0.0], np.cumsum([lr(s) for s in range(last_step + 1)])))
 
 
 def _ratio_summary(r: np.ndarray) -> dict[str, float]:
@@ -455,7 +460,7 @@ def checkpoint_trajectory(
         raise ValueError(f"no {cls} matrices common to all checkpoints")
     traj = {n: dict(step=steps, k=[fits[s][n].fit.k for s in steps], lam=[fits[s][n].fit.lam for s in steps],
                     rms=[fits[s][n].fit.rms for s in steps]) for n in names}  # fmt: skip
-    cum = np.concatenate(([0.0], np.cumsum([lr(s) for s in range(max(steps) + 1)])))
+    cum = _cumulative_lr(lr, max(steps))
     recovered = {m: {} for m in methods}
     for n in names:
         ws = [weights[s][n] for s in steps]

@@ -39,6 +39,7 @@ from .taxonomy import classify_all
 from .weibull import fit_weibull
 
 _COL = {q: i for i, q in enumerate(QUANTITIES)}
+_LR, _WD = LAST_KEYS.index("lr"), LAST_KEYS.index("weight_decay")
 #: Per-class keys of the flat ``metrics`` records (``<class>/<key>``).
 METRIC_KEYS = (
     "align_share",
@@ -94,7 +95,7 @@ def aggregate(readout: ForceReadout, rows: np.ndarray, numel: np.ndarray) -> dic
     steps = np.maximum(readout.steps[rows], 1)
     u_norm = math.sqrt(float((readout.interval[rows, _COL["u_sq"]] / steps).sum()))  # interval-mean ‖û‖
     cos_interval = out["w_dot_u"] / math.sqrt(out["w_sq"] * out["u_sq"]) if out["w_sq"] * out["u_sq"] > 0 else math.nan
-    lr, wd = float(last[:, len(QUANTITIES)].mean()), float(last[:, len(QUANTITIES) + 1].mean())
+    lr, wd = float(last[:, _LR].mean()), float(last[:, _WD].mean())
     out.update(
         cos_w_u_interval=cos_interval,
         rms_eq=equilibrium_norm(u_norm, cos_interval, lr, wd) / math.sqrt(n_el) if n_el else math.nan,
@@ -106,7 +107,7 @@ def aggregate(readout: ForceReadout, rows: np.ndarray, numel: np.ndarray) -> dic
         decay_share=d,
         net=out["align"] + out["inject"] + out["decay"] + out["higher_order"],
         w_sq_now=w_sq_now,
-        rms=math.sqrt(w_sq_now / numel[rows].sum()) if numel[rows].sum() else math.nan,
+        rms=math.sqrt(w_sq_now / n_el) if n_el else math.nan,
         cos_w_u=float(wu / math.sqrt(uu * ww)) if uu > 0 and ww > 0 else math.nan,
         residual=float(np.nansum(readout.residual[rows])),
         rel_residual=float(np.nansum(np.abs(readout.residual[rows])) / budget) if budget > 0 else math.nan,

@@ -322,7 +322,7 @@ class InstrumentedAdamW(torch.optim.AdamW):
         from .triton_adamw import fused_adamw_reduce
 
         torch._foreach_add_(state_steps, 1)
-        buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        buckets: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(params):
             buckets.setdefault((group_index, p.device, p.dtype), []).append(i)
         out = {}

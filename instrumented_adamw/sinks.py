@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -255,7 +254,3 @@ class FanOut:
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
-
-
-def wall_time() -> float:
-    return time.time()

@@ -305,10 +305,6 @@ class TokenData:
             first = b * self.batch_size + rank * per
             yield _rows(self.valid, [i * self.seq_len for i in range(first, first + per)], self.seq_len)
 
-    @property
-    def epoch_tokens(self) -> int:
-        return self.n_chunks * self.seq_len
-
 
 def _rows(tokens: np.ndarray, starts, L: int) -> tuple[torch.Tensor, torch.Tensor]:
     block = np.stack([np.asarray(tokens[s : s + L + 1], dtype=np.int64) for s in starts])
