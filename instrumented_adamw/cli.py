@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 from . import diagnostics as dx
+from ._extras import MissingExtraError
 
 
 def _fit(args: argparse.Namespace) -> int:
     try:
         weights = dx.load_weights(args.path, revision=args.revision)
-    except (dx.HubUnavailableError, FileNotFoundError, ValueError) as exc:
+    except (dx.HubUnavailableError, FileNotFoundError, ValueError, MissingExtraError) as exc:
         print(f"instrumented-adamw fit: {exc}", file=sys.stderr)
         return 2
     blocks = dx.fit_blocks(weights, trim=args.trim, include_vectors=args.include_vectors)
@@ -59,7 +60,7 @@ def _report(args: argparse.Namespace) -> int:
     out = args.out or str(Path(args.runs[0]) / "report")
     try:
         result = make_report(args.runs, out, cls=args.cls)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, MissingExtraError) as exc:
         print(f"instrumented-adamw report: {exc}", file=sys.stderr)
         return 2
     for f in result["files"]:
@@ -74,7 +75,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
     try:
         result = analyze_run(args.run, args.out, args.spacings, cls=args.cls)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, MissingExtraError) as exc:
         print(f"instrumented-adamw analyze: {exc}", file=sys.stderr)
         return 2
     summary = {k: v for k, v in result["closed_loop"].items()}

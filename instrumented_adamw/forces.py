@@ -8,6 +8,7 @@ host in one transfer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,11 @@ _START_W_SQ = _SUM.stop  # ‖W‖² before the first step integrated in the int
 _STEPS = _START_W_SQ + 1  # steps integrated (finite, not skipped)
 _NONFINITE = _STEPS + 1  # steps whose reductions were NaN/Inf (kept out of the sums)
 _LAST_FINITE = _NONFINITE + 1  # 1.0 if the last recorded step was finite
-_WIDTH = _LAST_FINITE + 1
+# Steps that moved W without being measured (``track_every > 1``). ‖W‖² changed over them too, so the interval's
+# books cannot close: the residual is reported as undefined (NaN) instead of as a misleading number.
+_UNMEASURED = _LAST_FINITE + 1
+_UNMEASURED_SINCE_LAST = _UNMEASURED + 1  # unmeasured steps after the last measured one (closes ``last_residual``)
+_WIDTH = _UNMEASURED_SINCE_LAST + 1
 
 #: Quantities that are sums over the elements of a tensor (everything but the per-step hyperparameters), so a
 #: sharded tensor's value is the sum of its shards' values.
@@ -52,14 +57,12 @@ def forces_from_reductions(red: Tensor, lr, weight_decay) -> Tensor:
     ``eta_lambda`` = η·λ of the step (the per-step shrink factor of decoupled decay); its interval sum is the
     interval's share of the training budget T/τ = Σ η_t λ_t.
 
-    ``lr`` and ``weight_decay`` are floats or 0-d tensors (on any device; moved without synchronising). The
+    ``lr`` and ``weight_decay`` are floats or one-element tensors of any shape, as torch accepts them (on any
+    device; moved without synchronising). The
     identity ``align + inject + decay + higher_order = ‖(1-ηλ)W - ηû‖² - ‖W‖²`` holds exactly in real arithmetic.
     """
     wu, uu, ww = red.unbind(1)
-    eta = lr.detach().to(red.device, torch.float64) if isinstance(lr, Tensor) else float(lr)
-    lam = (
-        weight_decay.detach().to(red.device, torch.float64) if isinstance(weight_decay, Tensor) else float(weight_decay)
-    )
+    eta, lam = _scalar(lr, red.device), _scalar(weight_decay, red.device)
     align = -2.0 * eta * wu
     inject = eta * eta * uu
     decay = -2.0 * eta * lam * ww
@@ -69,6 +72,43 @@ def forces_from_reductions(red: Tensor, lr, weight_decay) -> Tensor:
     return torch.stack((wu, uu, ww, align, inject, decay, higher, eta_col * lam_col, eta_col, lam_col), dim=1)
 
 
+#: Unit roundoff of fp32 (2^-24); ε₃₂ = 2u is torch.finfo(torch.float32).eps.
+_U32 = 2.0**-24
+#: Worst-case relative error of one fp32 row of the blocked reductions (``reductions.ROW`` = 128 products and
+#: sums, Higham's γ_n = nu/(1−nu)); rows are added in float64, which adds nothing at this scale.
+GAMMA_ROW = 128 * _U32 / (1 - 128 * _U32)
+
+
+def fp32_closure_bound(w_sq: float, w_next_sq: float, u_sq: float, lr: float, weight_decay: float) -> float:
+    """Worst-case |‖W₊‖² − ‖W‖² − Σ forces| of one step of fp32 parameters (the one-step residual).
+
+    Two sources, both outside what the forces describe:
+
+    * **the fp32 update and storage**: torch rounds the decay factor and product, the quotient m/(√v̂+ε) and
+      its step size, and the final add, and stores W₊ in fp32. As an error δ of W₊,
+      ‖δ‖ ≤ ε₃₂·((1−ηλ)‖W‖ + 3η‖û‖ + ‖W₊‖), so |‖W₊‖² − ‖W₊*‖²| ≤ 2‖W₊‖‖δ‖ + 3‖δ‖². This holds when a tensor
+      collapses in one step (W₊ ≈ 0), where a bound proportional to ‖W₊‖² does not.
+    * **the reductions**: fp32 rows of 128 products (float64 across rows) are off by at most γ₁₂₈ ≈ 7.6e-6 of
+      Σ|terms| each, so the forces are off by at most γ₁₂₈·(2η(1+ηλ)‖W‖‖û‖ + η²‖û‖² + ηλ(2+ηλ)‖W‖²). This term
+      dominates when the forces nearly cancel; in practice rounding errors are random and 10²–10⁴× smaller.
+
+    With float64 parameters both vanish to ~1e-9 of the budget.
+    """
+    w, w_next, u = math.sqrt(w_sq), math.sqrt(w_next_sq), math.sqrt(u_sq)
+    eta_lam = lr * weight_decay
+    delta = 2 * _U32 * ((1 - eta_lam) * w + 3 * lr * u + w_next)
+    storage = 2 * w_next * delta + 3 * delta * delta
+    reductions = GAMMA_ROW * (2 * lr * (1 + eta_lam) * w * u + lr * lr * u_sq + eta_lam * (2 + eta_lam) * w_sq)
+    return storage + reductions
+
+
+def _scalar(x, device: torch.device):
+    """A float, or a one-element tensor (torch accepts lr of shape [1], [1, 1]) as 0-d float64 on ``device``."""
+    if isinstance(x, Tensor):
+        return x.detach().reshape(()).to(device, torch.float64)
+    return float(x)
+
+
 class ForceStats:
     """The float64 force table of one device (rows = tracked tensors on that device)."""
 
@@ -76,7 +116,7 @@ class ForceStats:
         self.device = device
         self.names: list[str] = []
         self.table = torch.zeros(0, _WIDTH, dtype=torch.float64, device=device)
-        self._index_cache: dict[tuple[int, ...], Tensor] = {}
+        self._index_cache: dict[tuple, Tensor] = {}
 
     def add_rows(self, names: list[str]) -> list[int]:
         first = len(self.names)
@@ -93,15 +133,23 @@ class ForceStats:
             self._index_cache[rows] = idx
         return idx
 
-    def record(self, rows: tuple[int, ...], values: Tensor, skip: Tensor | None = None) -> None:
-        """Fold one step's ``[k, len(LAST_KEYS)]`` values into rows; ``skip`` (0-d, nonzero = skip) drops the step."""
+    def record(self, rows: tuple[int, ...], values: Tensor, skip: Tensor | None = None, measured=None) -> None:
+        """Fold one step's ``[k, len(LAST_KEYS)]`` values into rows.
+
+        ``skip`` (0-d, nonzero = skip: GradScaler found inf) means the step did not happen: nothing changes.
+        ``measured`` (0-d bool tensor, or None = measured) is False on a step that moved W but is not to be
+        measured (``track_every`` under ``torch.compile``, where the choice must stay on the device): it is
+        counted as unmeasured instead.
+        """
         idx = self._index(rows)
         block = self.table.index_select(0, idx)
         finite = torch.isfinite(values[:, :_NQ]).all(dim=1)
-        if skip is None:
-            recorded = torch.ones_like(finite)
+        happened = torch.ones_like(finite) if skip is None else (skip.to(self.device) == 0).expand_as(finite)
+        if measured is None:
+            recorded, unmeasured = happened, torch.zeros_like(finite)
         else:
-            recorded = (skip.to(self.device) == 0).expand_as(finite)
+            m = measured.to(self.device).expand_as(finite)
+            recorded, unmeasured = happened & m, happened & ~m
         valid = finite & recorded
         new = block.clone()
         new[:, _LAST] = torch.where(recorded[:, None], values, block[:, _LAST])
@@ -111,13 +159,34 @@ class ForceStats:
         new[:, _STEPS] = block[:, _STEPS] + valid.double()
         new[:, _NONFINITE] = block[:, _NONFINITE] + (recorded & ~finite).double()
         new[:, _LAST_FINITE] = torch.where(recorded, finite.double(), block[:, _LAST_FINITE])
+        new[:, _UNMEASURED] = block[:, _UNMEASURED] + unmeasured.double()
+        new[:, _UNMEASURED_SINCE_LAST] = torch.where(
+            recorded, 0.0, block[:, _UNMEASURED_SINCE_LAST] + unmeasured.double()
+        )
         self.table.index_copy_(0, idx, new)
+
+    def record_unmeasured(self, rows: tuple[int, ...], skip: Tensor | None = None) -> None:
+        """A step that moved these rows' tensors without measuring them (``track_every > 1``): one small update."""
+        idx = self._index(rows)
+        add = torch.ones((), dtype=torch.float64, device=self.device)
+        if skip is not None:
+            add = (skip.to(self.device) == 0).double()
+        cols = self._unmeasured_cols()
+        self.table[idx[:, None], cols] += add
+
+    def _unmeasured_cols(self) -> Tensor:
+        cols = self._index_cache.get(("unmeasured",))
+        if cols is None:
+            cols = torch.tensor([_UNMEASURED, _UNMEASURED_SINCE_LAST]).to(self.device)
+            self._index_cache[("unmeasured",)] = cols
+        return cols
 
     def reset_interval(self) -> None:
         self.table[:, _SUM] = 0.0
         self.table[:, _START_W_SQ] = 0.0
         self.table[:, _STEPS] = 0.0
         self.table[:, _NONFINITE] = 0.0
+        self.table[:, _UNMEASURED] = 0.0
 
 
 @dataclass(frozen=True)
@@ -126,9 +195,12 @@ class ForceReadout:
 
     Arrays are indexed like ``names``. ``interval`` holds Σ over the steps integrated since the previous reset of
     each quantity in ``QUANTITIES``; ``steps`` how many steps that was; ``nonfinite_steps`` how many steps were
-    left out because a reduction was NaN/Inf. ``residual`` is ‖W‖² now − ‖W‖² before the interval − Σ forces: zero
-    up to rounding for fp32 parameters, the rounding of the stored weights for bf16 ones, and anything that
-    changed W outside the optimizer. ``last_residual`` is the same for the last step alone.
+    left out because a reduction was NaN/Inf; ``unmeasured_steps`` how many steps moved the tensor without being
+    measured (``track_every > 1``). ``residual`` is ‖W‖² now − ‖W‖² before the interval − Σ forces: zero up to
+    rounding for fp32 parameters, the rounding of the stored weights for bf16 ones, and anything that changed W
+    outside the optimizer. It is NaN (undefined) where the interval holds unmeasured steps: ‖W‖² changed over
+    those as well, and no force accounts for them. ``last_residual`` is the same for the last measured step
+    alone (NaN once an unmeasured step has followed it).
     """
 
     names: tuple[str, ...]
@@ -136,6 +208,7 @@ class ForceReadout:
     interval: np.ndarray  # [n, len(QUANTITIES)]
     steps: np.ndarray  # [n] int
     nonfinite_steps: np.ndarray  # [n] int
+    unmeasured_steps: np.ndarray  # [n] int
     last_finite: np.ndarray  # [n] bool
     w_sq_now: np.ndarray  # [n]
     residual: np.ndarray  # [n]
@@ -147,17 +220,20 @@ class ForceReadout:
         interval = table[:, _SUM]
         steps = table[:, _STEPS].astype(np.int64)
         force_cols = [QUANTITIES.index(f) for f in FORCES]
+        unmeasured = table[:, _UNMEASURED].astype(np.int64)
         with np.errstate(invalid="ignore"):
-            residual = np.where(
-                steps > 0, w_sq_now - table[:, _START_W_SQ] - interval[:, force_cols].sum(axis=1), np.nan
+            closes = (steps > 0) & (unmeasured == 0)
+            residual = np.where(closes, w_sq_now - table[:, _START_W_SQ] - interval[:, force_cols].sum(axis=1), np.nan)
+            last_residual = np.where(
+                table[:, _UNMEASURED_SINCE_LAST] == 0, w_sq_now - last[:, 2] - last[:, force_cols].sum(axis=1), np.nan
             )
-            last_residual = w_sq_now - last[:, 2] - last[:, force_cols].sum(axis=1)
         return cls(
             names=tuple(names),
             last=last,
             interval=interval,
             steps=steps,
             nonfinite_steps=table[:, _NONFINITE].astype(np.int64),
+            unmeasured_steps=unmeasured,
             last_finite=table[:, _LAST_FINITE] > 0,
             w_sq_now=w_sq_now,
             residual=residual,
@@ -181,13 +257,15 @@ class ForceReadout:
         return {n: dict(zip(LAST_KEYS, map(float, row), strict=True)) for n, row in rows}
 
     def interval_dict(self) -> dict[str, dict[str, float]]:
-        """Interval integrals per tensor, plus ``steps``, ``nonfinite_steps`` and ``residual``."""
+        """Interval integrals per tensor, plus ``steps``, ``nonfinite_steps``, ``unmeasured_steps`` and ``residual``
+        (NaN where unmeasured steps leave it undefined)."""
         out = {}
         for i, n in enumerate(self.names):
             row = dict(zip(QUANTITIES, map(float, self.interval[i]), strict=True))
             row.update(
                 steps=int(self.steps[i]),
                 nonfinite_steps=int(self.nonfinite_steps[i]),
+                unmeasured_steps=int(self.unmeasured_steps[i]),
                 residual=float(self.residual[i]),
             )
             out[n] = row

@@ -4,53 +4,138 @@
     trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, None),
                       callbacks=[ForceMonitorCallback(weibull_every=250)])
 
-Records go to ``<output_dir>/forces/{metrics,forces,weibull}.jsonl`` unless ``sinks`` are given. The Trainer's
-own logging (loss, learning rate, wandb via ``report_to``) is untouched.
+or let the Trainer build the optimizer (``optimizer_cls_and_kwargs=(InstrumentedAdamW, {...})``): its tensors are
+then named from the model. On every log step the force metrics (``Transmission/align_share``, ...) join the
+Trainer's own log row: ``trainer.state.log_history`` and every ``report_to`` integration (wandb, TensorBoard, ...)
+see them next to ``loss`` and ``learning_rate``. Records also go to ``<output_dir>/forces/{metrics,forces,
+weibull}.jsonl`` (or to ``sinks``), with the Trainer's loss and learning rate in ``metrics.jsonl``, so
+``instrumented-adamw report <output_dir>/forces`` draws the run. The monitor's cumulative state (T/τ) is saved
+in each checkpoint's ``trainer_state.json`` and restored by ``resume_from_checkpoint``. Under FSDP every rank
+reads (the read is a collective); only the main process writes.
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 
-from transformers import TrainerCallback
-
-from .monitor import ForceMonitor
-from .optim import InstrumentedAdamW
+from ._extras import require
+from .monitor import ForceMonitor, Reading
+from .optim import InstrumentedAdamW, unwrap_optimizer
 from .sinks import JsonlSink, Sink
 
+_callbacks = require("transformers.trainer_callback", "the Hugging Face Trainer callback")
+TrainerCallback, CallbackHandler = _callbacks.TrainerCallback, _callbacks.CallbackHandler
+DefaultFlowCallback = _callbacks.DefaultFlowCallback
 
-def _unwrap(optimizer):
-    # accelerate wraps the optimizer (AcceleratedOptimizer.optimizer); the Trainer passes the wrapper.
-    while optimizer is not None and not isinstance(optimizer, InstrumentedAdamW) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
+#: Key of the monitor's state in ``TrainerState.stateful_callbacks`` (saved in ``trainer_state.json``). Not a
+#: class name on purpose: the Trainer re-creates callbacks whose class name matches a key from their saved
+#: constructor arguments (``restore_callback_states_from_checkpoint``), which would lose user-given sinks.
+STATE_KEY = "instrumented_adamw.ForceMonitor"
 
 
 class ForceMonitorCallback(TrainerCallback):
-    """Reads and logs the forces every ``log_every`` optimizer steps (default: the Trainer's ``logging_steps``)."""
+    """Reads and logs the forces every ``log_every`` optimizer steps (default: the Trainer's ``logging_steps``).
 
-    def __init__(self, sinks: list[Sink] | None = None, log_every: int | None = None, weibull_every: int = 0) -> None:
-        self._sinks, self._log_every, self._weibull_every = sinks, log_every, weibull_every
+    Args:
+        sinks: where records go (default: JSONL files in ``<output_dir>/forces``), on the main process.
+        log_every: optimizer steps between reads (default: ``args.logging_steps``, so the force metrics land in
+            the Trainer's log rows).
+        weibull_every: per-block Weibull fits every N steps (0 = never).
+        per_tensor: per-tensor entries in the ``forces`` records.
+    """
+
+    def __init__(
+        self,
+        sinks: list[Sink] | None = None,
+        log_every: int | None = None,
+        weibull_every: int = 0,
+        per_tensor: bool = True,
+    ) -> None:
+        self._sinks, self._log_every = sinks, log_every
+        self._weibull_every, self._per_tensor = weibull_every, per_tensor
         self.monitor: ForceMonitor | None = None
+        self._pending: Reading | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        opt = _unwrap(optimizer)
+        opt = unwrap_optimizer(optimizer)
         if not isinstance(opt, InstrumentedAdamW):
             raise TypeError(
                 f"ForceMonitorCallback needs the Trainer to use InstrumentedAdamW, got {type(opt).__name__}: pass "
-                "optimizers=(InstrumentedAdamW(model.named_parameters(), ...), scheduler) to the Trainer"
+                "optimizers=(InstrumentedAdamW(model.named_parameters(), ...), scheduler) or "
+                "optimizer_cls_and_kwargs=(InstrumentedAdamW, {...}) to the Trainer"
             )
-        sinks = self._sinks
-        if sinks is None:
-            sinks = [JsonlSink(Path(args.output_dir) / "forces", resume_step=state.global_step)]
+        sinks: list[Sink] = []
+        if state.is_world_process_zero:
+            sinks = self._sinks
+            if sinks is None:
+                sinks = [JsonlSink(Path(args.output_dir) / "forces", resume_step=state.global_step)]
         log_every = self._log_every or max(1, int(args.logging_steps))
-        self.monitor = ForceMonitor(opt, model, sinks, log_every=log_every, weibull_every=self._weibull_every)
+        self.monitor = ForceMonitor(
+            opt, model, sinks, log_every=log_every, weibull_every=self._weibull_every, per_tensor=self._per_tensor
+        )
+        saved = (state.stateful_callbacks or {}).get(STATE_KEY)
+        if state.global_step > 0 and saved:  # resumed from a checkpoint: T/τ continues where it was
+            self.monitor.load_state_dict(saved)
+        self._run_before_integrations()
+
+    def _run_before_integrations(self) -> None:
+        """Move this callback right after the Trainer's flow callback.
+
+        The Trainer calls callbacks in order, and the ``report_to`` integrations come before any user callback:
+        to let them log the force metrics, ours must add them to the log row first. No event hands a callback
+        the handler, so it is taken from the calling frame (``CallbackHandler.call_event``); moving an element
+        that is being iterated to an earlier position skips and repeats nothing.
+        """
+        handler = sys._getframe(2).f_locals.get("self")
+        if not isinstance(handler, CallbackHandler) or self not in handler.callbacks:
+            warnings.warn(
+                "ForceMonitorCallback could not place itself before the Trainer's report_to integrations; force "
+                "metrics reach trainer.state.log_history and the JSONL files, but may miss wandb/TensorBoard rows",
+                stacklevel=3,
+            )
+            return
+        callbacks = handler.callbacks
+        flow = max((i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), default=-1)
+        if callbacks.index(self) > flow + 1:
+            callbacks.remove(self)
+            callbacks.insert(flow + 1, self)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.monitor is not None and state.is_world_process_zero:
-            self.monitor.step(state.global_step)
+        if self.monitor is None:
+            return
+        step = state.global_step
+        if step % self.monitor.log_every == 0:
+            reading = self.monitor.read(step)  # every rank: under FSDP the read is a collective
+            if control.should_log:
+                self._pending = reading  # the Trainer logs this step: write with its loss and lr in on_log
+            else:
+                self.monitor.write(reading)  # no sinks on other ranks: writes nothing there
+            state.stateful_callbacks[STATE_KEY] = self.monitor.state_dict()
+        if self.monitor.weibull_every and step % self.monitor.weibull_every == 0:
+            self.monitor.fit(step)  # gathers FSDP shards: every rank
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        reading, self._pending = self._pending, None
+        if self.monitor is None or reading is None:
+            return
+        if logs is None or reading.step != state.global_step:
+            self.monitor.write(reading)
+            return
+        scalars = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if "learning_rate" in scalars:
+            scalars.setdefault("lr", scalars["learning_rate"])  # the key our report reads
+        metrics = self.monitor.write(reading, **scalars)
+        forces = {k: v for k, v in metrics.items() if k in reading.metrics}
+        logs.update(forces)  # integrations called after this callback log them with the row
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(forces)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.monitor is not None:
+            if self._pending is not None:
+                self.monitor.write(self._pending)
+                self._pending = None
             self.monitor.close()
             self.monitor = None

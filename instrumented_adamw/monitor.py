@@ -26,14 +26,17 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .forces import LAST_KEYS, QUANTITIES, ForceReadout
+from .optim import unwrap_optimizer
 from .sinks import FanOut, Sink
 from .taxonomy import classify_all
 from .weibull import fit_weibull
@@ -96,6 +99,9 @@ def aggregate(readout: ForceReadout, rows: np.ndarray, numel: np.ndarray) -> dic
     u_norm = math.sqrt(float((readout.interval[rows, _COL["u_sq"]] / steps).sum()))  # interval-mean ‖û‖
     cos_interval = out["w_dot_u"] / math.sqrt(out["w_sq"] * out["u_sq"]) if out["w_sq"] * out["u_sq"] > 0 else math.nan
     lr, wd = float(last[:, _LR].mean()), float(last[:, _WD].mean())
+    # Steps that moved W unmeasured (track_every > 1) leave the books open: no residual rather than a wrong one.
+    closes = not (readout.unmeasured_steps[rows] > 0).any()
+    residual = float(np.nansum(readout.residual[rows])) if closes else math.nan
     out.update(
         cos_w_u_interval=cos_interval,
         rms_eq=equilibrium_norm(u_norm, cos_interval, lr, wd) / math.sqrt(n_el) if n_el else math.nan,
@@ -109,25 +115,42 @@ def aggregate(readout: ForceReadout, rows: np.ndarray, numel: np.ndarray) -> dic
         w_sq_now=w_sq_now,
         rms=math.sqrt(w_sq_now / n_el) if n_el else math.nan,
         cos_w_u=float(wu / math.sqrt(uu * ww)) if uu > 0 and ww > 0 else math.nan,
-        residual=float(np.nansum(readout.residual[rows])),
-        rel_residual=float(np.nansum(np.abs(readout.residual[rows])) / budget) if budget > 0 else math.nan,
+        residual=residual,
+        rel_residual=float(np.nansum(np.abs(readout.residual[rows])) / budget) if budget > 0 and closes else math.nan,
         steps=int(readout.steps[rows].max()) if len(rows) else 0,
         nonfinite_steps=int(readout.nonfinite_steps[rows].max()) if len(rows) else 0,
+        unmeasured_steps=int(readout.unmeasured_steps[rows].max()) if len(rows) else 0,
     )
     return out
+
+
+@dataclass
+class Reading:
+    """One read of the forces, aggregated, before it is written: what :meth:`ForceMonitor.write` logs."""
+
+    step: int
+    metrics: dict[str, Any]
+    forces: dict[str, Any]
 
 
 class ForceMonitor:
     """Reads, aggregates and logs an :class:`InstrumentedAdamW`'s forces on log steps; fits Weibulls periodically.
 
     Args:
-        optimizer: the ``InstrumentedAdamW`` (tracking on).
-        model: optional; its ``config.model_type`` (HF models) picks the naming table of the taxonomy.
-        sinks: where records go (e.g. ``[JsonlSink(run_dir), WandbSink(...)]``); the first must not fail.
+        optimizer: the ``InstrumentedAdamW`` (tracking on), or a wrapper around it (accelerate's
+            ``AcceleratedOptimizer``, anything with ``.optimizer``).
+        model: optional; names tensors the optimizer knows only as ``group{g}.param{i}`` (built from
+            ``model.parameters()``), and its ``config.model_type`` (HF models) picks the naming table of the
+            taxonomy.
+        sinks: where records go (e.g. ``[JsonlSink(run_dir), WandbSink(...)]``); the first must not fail. Empty on
+            ranks that only take part in the reads (FSDP).
         log_every: read and log every N steps (the read is the only host synchronisation).
         weibull_every: per-block Weibull fits every N steps (0 = never).
         per_tensor: include per-tensor entries in the ``forces`` records.
         model_type: overrides the model's ``config.model_type``.
+        names: ``(name, parameter)`` pairs naming unnamed tensors by identity, for when there is no model.
+
+    Parameter groups added to the optimizer later (``add_param_group``) are picked up at the next read.
     """
 
     def __init__(
@@ -141,34 +164,49 @@ class ForceMonitor:
         per_tensor: bool = True,
         model_type: str | None = None,
         trim: float = 0.1,
+        names: Iterable[tuple[str, Tensor]] | None = None,
     ) -> None:
-        if not hasattr(optimizer, "read_forces"):
+        inner = unwrap_optimizer(optimizer)
+        if not hasattr(inner, "read_forces"):
             raise TypeError(f"ForceMonitor needs an InstrumentedAdamW, got {type(optimizer).__name__}")
         if log_every < 1 or weibull_every < 0:
             raise ValueError(f"log_every must be >= 1 and weibull_every >= 0, got {log_every}, {weibull_every}")
-        self.optimizer = optimizer
+        self.optimizer = inner
         self.sinks = FanOut(sinks)
         self.log_every, self.weibull_every, self.per_tensor, self.trim = log_every, weibull_every, per_tensor, trim
         if model_type is None and model is not None:
             model_type = getattr(getattr(model, "config", None), "model_type", None)
-        params = optimizer.tracked_parameters()
-        self.names = [n for n, _ in params]
+        self.model_type = model_type
+        for source in (model, names):
+            if source is not None and inner.has_unnamed_parameters:
+                inner.name_parameters(source)
+        if inner.has_unnamed_parameters:
+            warnings.warn(
+                "some tensors are known only as group{g}.param{i} (the optimizer was built from "
+                "model.parameters()), so the taxonomy cannot classify them: pass model= or names= to ForceMonitor",
+                stacklevel=2,
+            )
+        self._index(inner.tracked_parameters())
         if not self.names:
             raise ValueError("the optimizer tracks no tensors (track=False or a track_filter that matches nothing)")
-        self.roles = classify_all(self.names, model_type)
-        self._params = dict(params)
-        self._numel = np.array([p.numel() for _, p in params], dtype=np.float64)
-        self._classes: dict[str, np.ndarray] = {}
-        self._layers: dict[int, np.ndarray] = {}
-        for i, n in enumerate(self.names):
-            role = self.roles[n]
-            self._classes.setdefault(role.cls, []).append(i)  # type: ignore[arg-type]
-            if role.layer is not None:
-                self._layers.setdefault(role.layer, []).append(i)  # type: ignore[arg-type]
-        self._classes = {k: np.array(v) for k, v in self._classes.items()}
-        self._layers = {k: np.array(v) for k, v in sorted(self._layers.items())}
         self.last_record: dict[str, Any] | None = None
         self._t_over_tau: dict[str, float] = {}  # cumulative Σ η_t λ_t per class since training began
+
+    def _index(self, params: list[tuple[str, Tensor]]) -> None:
+        """Classes, layers and sizes of the tracked tensors, in the optimizer's row order."""
+        self.names = [n for n, _ in params]
+        self.roles = classify_all(self.names, self.model_type)
+        self._params = dict(params)
+        self._numel = np.array([p.numel() for _, p in params], dtype=np.float64)
+        classes: dict[str, list[int]] = {}
+        layers: dict[int, list[int]] = {}
+        for i, n in enumerate(self.names):
+            role = self.roles[n]
+            classes.setdefault(role.cls, []).append(i)
+            if role.layer is not None:
+                layers.setdefault(role.layer, []).append(i)
+        self._classes = {k: np.array(v) for k, v in classes.items()}
+        self._layers = {k: np.array(v) for k, v in sorted(layers.items())}
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue the cumulative diagnostics (T/τ)."""
@@ -188,17 +226,26 @@ class ForceMonitor:
 
     def log(self, step: int, **scalars: float) -> dict[str, Any]:
         """Read the forces now (resetting the interval) and write ``metrics`` and ``forces`` records."""
+        return self.write(self.read(step), **scalars)
+
+    def read(self, step: int) -> Reading:
+        """Read the forces now (resetting the interval) and aggregate them, without writing anything yet.
+
+        Under FSDP2 every rank must call this (the read is a collective). Lets a caller that learns the step's
+        loss only later (the HF ``Trainer``) read on time and write once the loss is known.
+        """
         readout = self.optimizer.read_forces(reset=True)
+        if list(readout.names) != self.names:  # groups added or tensors renamed since the last read
+            self._index(self.optimizer.tracked_parameters())
         classes = {c: aggregate(readout, rows, self._numel) for c, rows in self._classes.items()}
         layers = {str(k): aggregate(readout, rows, self._numel) for k, rows in self._layers.items()}
-        metrics: dict[str, Any] = {k: float(v) for k, v in scalars.items()}
-        metrics["time"] = time.time()
+        metrics: dict[str, Any] = {}
         for c, agg in classes.items():
             self._t_over_tau[c] = self._t_over_tau.get(c, 0.0) + agg["eta_lambda"]
             agg["t_over_tau"] = self._t_over_tau[c]
             for key in METRIC_KEYS:
                 metrics[f"{c}/{key}"] = agg[key]
-        forces: dict[str, Any] = dict(time=metrics["time"], classes=classes, layers=layers)
+        forces: dict[str, Any] = dict(classes=classes, layers=layers)
         if self.per_tensor:
             tensors = {}
             for i, name in enumerate(self.names):
@@ -208,8 +255,16 @@ class ForceMonitor:
                 tensors[name] = dict(agg, **last, numel=int(self._numel[i]), cls=role.cls, layer=role.layer,
                                      component=role.component)  # fmt: skip
             forces["tensors"] = tensors
-        self.sinks.log("metrics", metrics, step)
-        self.sinks.log("forces", forces, step)
+        return Reading(step, metrics, forces)
+
+    def write(self, reading: Reading, **scalars: float) -> dict[str, Any]:
+        """Write a :class:`Reading` as ``metrics`` (the caller's scalars first) and ``forces`` records."""
+        now = time.time()
+        metrics: dict[str, Any] = {k: float(v) for k, v in scalars.items()}
+        metrics["time"] = now
+        metrics.update(reading.metrics)
+        self.sinks.log("metrics", metrics, reading.step)
+        self.sinks.log("forces", dict(reading.forces, time=now), reading.step)
         self.last_record = metrics
         return metrics
 

@@ -2,24 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import pickle
+import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.optim.optimizer import _default_to_fused_or_foreach, _use_grad_for_differentiable
+from torch import Tensor, nn
+from torch.optim.optimizer import _default_to_fused_or_foreach, _to_scalar, _use_grad_for_differentiable
 
 from .forces import ForceReadout, ForceStats, additive_columns, forces_from_reductions
 from .functional import Arena, delegated_adamw, multi_tensor_adamw, single_tensor_adamw
 from .reductions import dot_f64
 
 WEIGHT_DECAY_SCHEDULES = ("lr", "lr_squared")
+#: Names given to tensors passed without names (``model.parameters()``); the monitor renames them from the model.
+_GENERIC_NAME = re.compile(r"group\d+\.param\d+")
+#: Relative slack when checking lr_t ≤ η_max for ``lr_squared`` (schedulers compute the peak in float arithmetic).
+_PEAK_SLACK = 1e-9
 
 try:  # FSDP2 parameters are DTensors; plain torch builds without distributed support have none
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = Shard = None  # type: ignore[assignment,misc]
+
+
+def unwrap_optimizer(optimizer):
+    """The optimizer inside framework wrappers (accelerate's ``AcceleratedOptimizer`` and others keep it in
+    ``.optimizer``), so ``unwrap_optimizer(opt).read_forces()`` works whatever the training framework handed out."""
+    seen = 0
+    while optimizer is not None and not isinstance(optimizer, InstrumentedAdamW) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+        seen += 1
+        if seen > 16:  # a wrapper that points at itself
+            break
+    return optimizer
 
 
 def _local(t):
@@ -75,11 +94,20 @@ class InstrumentedAdamW(torch.optim.AdamW):
             otherwise tensors are named ``group{g}.param{i}``.
         track (bool): measure forces (default: True). With False this is plain AdamW.
         track_every (int): measure every N-th ``step()`` call (default: 1). Interval sums then cover only the
-            measured steps; ``steps`` in the read-out says how many.
+            measured steps; ``steps`` in the read-out says how many, ``unmeasured_steps`` how many were not, and
+            the residual is undefined (NaN) over intervals with unmeasured steps. Under ``torch.compile`` the
+            choice is made on the device (the reductions run every step and unmeasured ones are masked out).
         track_filter (Callable[[str], bool], optional): which tensor names to measure (default: all).
         weight_decay_schedule (str): ``"lr"`` (torch's decoupled decay, per-step shrink ηλ) or ``"lr_squared"``
-            (λ_t = λ·η_t/η_max, per-step shrink ∝ η², after Chou, arXiv 2512.08217). η_max is the group's
-            ``initial_lr`` when an LR scheduler set it, else the lr the group was created with.
+            (λ_t = λ·η_t/η_max, per-step shrink ∝ η², after Chou, arXiv 2512.08217).
+        lr_peak (float, optional): η_max of ``lr_squared`` for every group (a group's own ``"lr_peak"`` key wins).
+            Without it, η_max is the group's ``max_lr`` (OneCycleLR), else its ``initial_lr`` (any LR scheduler:
+            the base lr, which most schedules never exceed), else the lr the group was created with. A step whose
+            lr exceeds η_max raises (CyclicLR, for one, keeps its ``max_lr`` on the scheduler): pass ``lr_peak``.
+
+    Copies (``copy.deepcopy``, pickling) step and track exactly like the original; a ``track_filter`` that cannot
+    be pickled (a lambda) is kept by ``deepcopy`` but not by pickling, after which adding a group asks for a new
+    one (``opt.track_filter = fn``).
     """
 
     def __init__(
@@ -100,6 +128,7 @@ class InstrumentedAdamW(torch.optim.AdamW):
         track_every: int = 1,
         track_filter: Callable[[str], bool] | None = None,
         weight_decay_schedule: str = "lr",
+        lr_peak: float | None = None,
     ) -> None:
         if not isinstance(track_every, int) or isinstance(track_every, bool) or track_every < 1:
             raise ValueError(f"Invalid track_every: {track_every!r} (a positive int, 1 = every step)")
@@ -109,18 +138,26 @@ class InstrumentedAdamW(torch.optim.AdamW):
             )
         if track_filter is not None and not callable(track_filter):
             raise TypeError(f"track_filter must be a callable name -> bool, got {type(track_filter).__name__}")
+        _check_peak(lr_peak, "lr_peak")
         # Set before super().__init__, which calls add_param_group for every group.
         self._track = bool(track)
         self._track_every = track_every
         self._track_filter = track_filter
+        self._filter_lost = False  # unpickled without its (unpicklable) track_filter
         self._wd_schedule = weight_decay_schedule
+        self._lr_peak = lr_peak
+        self._created_lr: list[float | None] = []  # per group: the fallback η_max of lr_squared
+        self._names: dict[int, str] = {}  # id(param) -> name, every parameter of every group
+        self._generic: set[int] = set()  # parameters named group{g}.param{i} (passed without names)
+        # Calls of step(), as a CPU tensor updated in place: torch.compile keeps tensor mutations, but drops
+        # attribute stores on an optimizer it traces. Reading it is a host read, never a device sync.
+        self._calls = torch.zeros((), dtype=torch.int64)
         self._rows: dict[int, tuple[torch.device, int]] = {}
         self._sharded_rows: dict[torch.device, list[bool]] = {}  # rows whose tensor is a DTensor shard
         self._shard_group = None  # process group of the DTensor parameters (one 1-D mesh)
         self._stats: dict[torch.device, ForceStats] = {}
         self._tracked_params: dict[torch.device, list[Tensor]] = {}
         self._arena = Arena()
-        self._calls = 0
         self._plans: dict[tuple[int, torch.device, torch.dtype], Any] = {}  # Triton launch tables per group bucket
         self._kernel_launches = 0
         super().__init__(
@@ -139,22 +176,92 @@ class InstrumentedAdamW(torch.optim.AdamW):
 
     # ------------------------------------------------------------------ groups, names, state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self._filter_lost:
+            raise RuntimeError(
+                "this optimizer was unpickled without its track_filter (it could not be pickled, e.g. a lambda); "
+                "set opt.track_filter = <a function name -> bool> before adding parameter groups"
+            )
         super().add_param_group(param_group)
         g = len(self.param_groups) - 1
         group = self.param_groups[g]
-        self._set_peak_lr(group)
-        names = group.get("param_names") or [f"group{g}.param{i}" for i in range(len(group["params"]))]
-        new: dict[torch.device, list[tuple[str, Tensor]]] = {}
-        for name, p in zip(names, group["params"], strict=True):
-            if self._track_filter is None or self._track_filter(name):
-                new.setdefault(p.device, []).append((name, p))
-        for device, items in new.items():
-            stats = self._stats.setdefault(device, ForceStats(device))
+        group.setdefault("lr_peak", self._lr_peak)
+        _check_peak(group["lr_peak"], f"param_groups[{g}]['lr_peak']")
+        lr = group["lr"]
+        self._created_lr.append(float(lr) if not isinstance(lr, Tensor) else None)
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            self._names[id(p)] = names[i] if names else f"group{g}.param{i}"
+            if not names:
+                self._generic.add(id(p))
+        self._rebuild_tracking()
+
+    def _rebuild_tracking(self, keep: bool = True, only: set[int] | None = None) -> None:
+        """Rows of the force tables for every tracked tensor, in parameter-group order, one table per device.
+
+        Rows of tensors tracked before keep their values (``keep``), so renaming or adding a group loses nothing.
+        ``only`` (parameter ids) replaces the filter: a restored copy tracks exactly what the original tracked.
+        """
+        old_rows, old_stats = self._rows, self._stats
+        self._rows, self._stats, self._tracked_params, self._sharded_rows = {}, {}, {}, {}
+        self._shard_group = None
+        by_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                name = self._names[id(p)]
+                if only is not None:
+                    selected = id(p) in only
+                else:
+                    selected = self._track_filter is None or self._track_filter(name)
+                if selected:
+                    by_device.setdefault(p.device, []).append((name, p))
+        for device, items in by_device.items():
+            stats = self._stats[device] = ForceStats(device)
             rows = stats.add_rows([n for n, _ in items])
-            self._sharded_rows.setdefault(device, []).extend(self._check_sharded(n, p) for n, p in items)
-            self._tracked_params.setdefault(device, []).extend(p for _, p in items)
+            self._sharded_rows[device] = [self._check_sharded(n, p) for n, p in items]
+            self._tracked_params[device] = [p for _, p in items]
             for (_, p), row in zip(items, rows, strict=True):
                 self._rows[id(p)] = (device, row)
+                old = old_rows.get(id(p)) if keep else None
+                if old is not None:
+                    stats.table[row] = old_stats[old[0]].table[old[1]]
+
+    @property
+    def track_filter(self) -> Callable[[str], bool] | None:
+        return self._track_filter
+
+    @track_filter.setter
+    def track_filter(self, fn: Callable[[str], bool] | None) -> None:
+        if fn is not None and not callable(fn):
+            raise TypeError(f"track_filter must be a callable name -> bool, got {type(fn).__name__}")
+        self._track_filter, self._filter_lost = fn, False
+        self._rebuild_tracking()
+
+    def name_parameters(self, named: nn.Module | Iterable[tuple[str, Tensor]], only_unnamed: bool = True) -> int:
+        """Name tensors by identity from ``model.named_parameters()`` (or the module itself); returns how many.
+
+        For optimizers built from ``model.parameters()`` (HF ``Trainer``'s ``optimizer_cls_and_kwargs``, a user's
+        param groups): their tensors are named ``group{g}.param{i}``, which the taxonomy cannot classify. With
+        ``only_unnamed`` (default) names the optimizer already has are kept. ``track_filter`` is applied again
+        to the new names; the values measured so far stay with their tensors.
+        """
+        items = named.named_parameters() if isinstance(named, nn.Module) else named
+        by_id = {}
+        for name, p in items:
+            by_id.setdefault(id(p), name)  # tied weights: the first name, as named_parameters() reports them
+        renamed = 0
+        for pid in list(self._names):
+            if pid in by_id and (pid in self._generic or not only_unnamed):
+                self._names[pid] = by_id[pid]
+                self._generic.discard(pid)
+                renamed += 1
+        if renamed:
+            self._rebuild_tracking()
+        return renamed
+
+    @property
+    def has_unnamed_parameters(self) -> bool:
+        """True if some tensors are known only as ``group{g}.param{i}`` (see :meth:`name_parameters`)."""
+        return bool(self._generic)
 
     def _check_sharded(self, name: str, p: Tensor) -> bool:
         """True for a DTensor shard (FSDP2): its reductions are partial sums, combined across ranks on read."""
@@ -172,16 +279,68 @@ class InstrumentedAdamW(torch.optim.AdamW):
         self._shard_group = group
         return True
 
-    @staticmethod
-    def _set_peak_lr(group: dict[str, Any]) -> None:
-        lr = group["lr"]
-        group.setdefault("lr_peak", float(lr) if not isinstance(lr, Tensor) else None)
+    # ------------------------------------------------------------------ copies
+    # Optimizer.__getstate__ keeps only defaults, state and param_groups; the tracking state (names, force tables,
+    # counters) is carried beside them, per parameter in group order, because it is keyed by tensor identity.
+    _CARRIED = ("_track", "_track_every", "_wd_schedule", "_lr_peak", "_created_lr", "_calls", "_kernel_launches")
+
+    def _portable_state(self, keep_filter: bool) -> dict[str, Any]:
+        state = super().__getstate__()
+        rows = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                where = self._rows.get(id(p))
+                row = self._stats[where[0]].table[where[1]].clone() if where is not None else None
+                rows.append((self._names[id(p)], id(p) in self._generic, row))
+        filt = self._track_filter
+        lost = self._filter_lost
+        if filt is not None and not keep_filter:
+            try:
+                pickle.dumps(filt)
+            except (pickle.PicklingError, AttributeError, TypeError):
+                filt, lost = None, True
+        extra = {k: self.__dict__[k] for k in self._CARRIED}
+        extra.update(rows=rows, track_filter=filt, filter_lost=lost)
+        return dict(state, _instrumented=extra)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self._portable_state(keep_filter=False)
+
+    def __deepcopy__(self, memo: dict) -> InstrumentedAdamW:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self._portable_state(keep_filter=True), memo))
+        return new
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # load_state_dict goes through here; groups saved by torch.optim.AdamW have no "lr_peak".
+        # load_state_dict comes through here too (without "_instrumented"): groups saved by torch.optim.AdamW
+        # have no "lr_peak".
+        state = dict(state)
+        extra = state.pop("_instrumented", None)
         super().__setstate__(state)
         for group in self.param_groups:
-            self._set_peak_lr(group)
+            group.setdefault("lr_peak", None)
+        if extra is not None:
+            self._restore_tracking(extra)
+
+    def _restore_tracking(self, extra: dict[str, Any]) -> None:
+        """Rebuild the identity-keyed tracking state of an unpickled or deep-copied optimizer."""
+        for key in self._CARRIED:
+            setattr(self, key, extra[key])
+        self._track_filter, self._filter_lost = extra["track_filter"], extra["filter_lost"]
+        self._arena, self._plans = Arena(), {}
+        self._names, self._generic, self._rows, self._stats = {}, set(), {}, {}
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p, (name, generic, _) in zip(params, extra["rows"], strict=True):
+            self._names[id(p)] = name
+            if generic:
+                self._generic.add(id(p))
+        tracked = {id(p) for p, (_, _, row) in zip(params, extra["rows"], strict=True) if row is not None}
+        self._rebuild_tracking(keep=False, only=tracked)
+        for p, (_, _, row) in zip(params, extra["rows"], strict=True):
+            if row is not None:
+                device, r = self._rows[id(p)]
+                self._stats[device].table[r] = row.to(device)
 
     @property
     def tracked_names(self) -> list[str]:
@@ -194,19 +353,43 @@ class InstrumentedAdamW(torch.optim.AdamW):
             out.extend(zip(stats.names, self._tracked_params[device], strict=True))
         return out
 
-    def _effective_weight_decay(self, group: dict[str, Any]):
+    def peak_lr(self, group_index: int) -> tuple[float, str]:
+        """η_max of ``lr_squared`` for a group, and where it came from (see the class docstring)."""
+        group = self.param_groups[group_index]
+        for key, source in (
+            ("lr_peak", "lr_peak"),
+            ("max_lr", "max_lr (set by OneCycleLR)"),
+            ("initial_lr", "initial_lr (the base lr an LR scheduler starts from)"),
+        ):
+            value = group.get(key)
+            if value is not None:
+                return _float(value, key), source
+        created = self._created_lr[group_index]
+        if created is None:
+            raise ValueError(
+                "weight_decay_schedule='lr_squared' needs a float peak lr: the group was created with a tensor lr; "
+                "pass lr_peak=..."
+            )
+        return created, "the lr the group was created with"
+
+    def _effective_weight_decay(self, group: dict[str, Any], group_index: int):
         wd = group["weight_decay"]
         if self._wd_schedule == "lr":
             return wd
         lr = group["lr"]
-        peak = group.get("initial_lr", group.get("lr_peak"))
-        if isinstance(lr, Tensor) or isinstance(peak, Tensor) or peak is None:
+        if isinstance(lr, Tensor):
             raise ValueError(
                 "weight_decay_schedule='lr_squared' needs float learning rates (a tensor lr would need a host "
                 "sync to scale the decay); pass lr as a float"
             )
-        if peak <= 0:
-            raise ValueError(f"weight_decay_schedule='lr_squared' needs a positive peak lr, got {peak}")
+        peak, source = self.peak_lr(group_index)
+        if lr > peak * (1 + _PEAK_SLACK):
+            raise ValueError(
+                f"weight_decay_schedule='lr_squared': param_groups[{group_index}] has lr {lr:.6g} above its peak "
+                f"{peak:.6g}, taken from {source}, so λ_t = λ·η_t/η_max would exceed λ. The schedule's maximum is "
+                "not known to the optimizer (CyclicLR, for one, keeps max_lr on the scheduler): pass "
+                "lr_peak=<the schedule's maximum lr> to InstrumentedAdamW, or set param_groups[i]['lr_peak']"
+            )
         return wd * lr / peak
 
     # ------------------------------------------------------------------ step
@@ -221,8 +404,17 @@ class InstrumentedAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
 
-        self._calls += 1
-        measuring = self._track and (self._calls - 1) % self._track_every == 0
+        compiling = torch.compiler.is_compiling()
+        self._calls.add_(1)  # in place: survives torch.compile
+        mask = None  # under compile with track_every > 1: "measure this step", decided as a tensor
+        if not self._track:
+            measuring = False
+        elif self._track_every == 1:
+            measuring = True
+        elif compiling:
+            measuring, mask = True, (self._calls - 1) % self._track_every == 0
+        else:
+            measuring = (int(self._calls) - 1) % self._track_every == 0  # a CPU counter: no device sync
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
 
@@ -238,8 +430,8 @@ class InstrumentedAdamW(torch.optim.AdamW):
                 continue
             tracked = [measuring and id(p) in self._rows for p in params]
             beta1, beta2 = group["betas"]
-            lr = group["lr"]
-            weight_decay = self._effective_weight_decay(group)
+            lr = _to_scalar(group["lr"])  # torch accepts one-element tensors of any shape
+            weight_decay = self._effective_weight_decay(group, g_index)
             # DTensor shards: AdamW is elementwise, so updating each local shard in place is the sharded update;
             # the reductions become per-shard partial sums.
             local = [[_local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)]
@@ -249,7 +441,7 @@ class InstrumentedAdamW(torch.optim.AdamW):
             )
 
             path = self._path(group, local[0])
-            arena = self._arena if params[0].device.type == "cpu" else None
+            arena = self._arena if params[0].device.type == "cpu" and not compiling else None
             if path == "triton":
                 reductions = self._triton_step(
                     *lists, group_index=g_index, beta1=beta1, beta2=beta2, grad_scale=grad_scale,
@@ -281,7 +473,9 @@ class InstrumentedAdamW(torch.optim.AdamW):
                 reductions = single_tensor_adamw(*lists, beta1=beta1, beta2=beta2, **common)
                 skip = None
             if reductions:
-                self._record(params, reductions, lr, weight_decay, skip)  # original params: rows are keyed by id
+                self._record(params, reductions, lr, weight_decay, skip, mask)  # original params: rows keyed by id
+            elif self._track and not measuring:
+                self._record_unmeasured(params, skip)
         return loss
 
     @staticmethod
@@ -297,7 +491,8 @@ class InstrumentedAdamW(torch.optim.AdamW):
 
     def _path(self, group: dict[str, Any], params: list[Tensor]) -> str:
         """Same choice as ``torch.optim.adam.adam``. ``fused=True`` on CUDA runs our single-pass Triton kernel
-        (update + reductions); elsewhere fused, capturable and differentiable delegate to torch's own update."""
+        (update + reductions); elsewhere fused, capturable, differentiable and tensor hyperparameters (lr or betas
+        given as tensors) delegate to torch's own update, which handles them bitwise as torch does."""
         if (
             group["fused"]
             and not group["differentiable"]
@@ -307,6 +502,8 @@ class InstrumentedAdamW(torch.optim.AdamW):
             return "triton"
         if group["fused"] or group["capturable"] or group["differentiable"]:
             return "delegated"
+        if isinstance(group["lr"], Tensor) or isinstance(group["betas"][0], Tensor):
+            return "delegated"  # tensor hyperparameters: torch's own update handles every shape and device
         foreach = group["foreach"]
         if foreach is None and group["fused"] is None:
             _, foreach = _default_to_fused_or_foreach(params, group["differentiable"], use_fused=False)
@@ -346,7 +543,17 @@ class InstrumentedAdamW(torch.optim.AdamW):
             torch._foreach_sub_(state_steps, [found_inf.to(s.device) for s in state_steps])
         return out
 
-    def _record(self, params: list[Tensor], reductions, lr, weight_decay, skip: Tensor | None) -> None:
+    def _record_unmeasured(self, params: list[Tensor], skip: Tensor | None) -> None:
+        """Count a step that moved tracked tensors without measuring them (their residual cannot close)."""
+        by_device: dict[torch.device, list[int]] = {}
+        for p in params:
+            where = self._rows.get(id(p))
+            if where is not None:
+                by_device.setdefault(where[0], []).append(where[1])
+        for device, rows in by_device.items():
+            self._stats[device].record_unmeasured(tuple(rows), skip)
+
+    def _record(self, params: list[Tensor], reductions, lr, weight_decay, skip: Tensor | None, mask=None) -> None:
         by_device: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
         for i, red in reductions.items():
             device, row = self._rows[id(params[i])]
@@ -355,7 +562,7 @@ class InstrumentedAdamW(torch.optim.AdamW):
             reds.append(red.to(device))
         for device, (rows, reds) in by_device.items():
             values = forces_from_reductions(torch.stack(reds), lr, weight_decay)
-            self._stats[device].record(tuple(rows), values, skip)
+            self._stats[device].record(tuple(rows), values, skip, measured=mask)
 
     # ------------------------------------------------------------------ read-out
     @torch.no_grad()
@@ -405,3 +612,18 @@ class InstrumentedAdamW(torch.optim.AdamW):
     def last_forces(self) -> ForceReadout:
         """Like :meth:`read_forces` without resetting the interval; ``.to_dict()`` gives the last step."""
         return self.read_forces(reset=False)
+
+
+def _check_peak(value, what: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"Invalid {what}: {value!r} (a positive finite float, the schedule's maximum lr)")
+
+
+def _float(value, key: str) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"param group key {key!r} must be one number, got a tensor of shape {tuple(value.shape)}")
+        return float(value)  # a host read, on lr_squared groups whose scheduler stored a tensor peak
+    return float(value)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from ._extras import require
 from .sinks import read_jsonl
 from .weibull import half_normal_anchor
 
@@ -55,24 +55,43 @@ class RunLog:
 
     @property
     def lr(self) -> float | None:
-        return self.config.get("optim", {}).get("lr")
+        """The run's peak lr: from ``config.yaml`` (our trainer), else the largest logged ``lr`` (a user's loop, the
+        HF callback), else None."""
+        lr = self.config.get("optim", {}).get("lr")
+        if lr is not None:
+            return float(lr)
+        logged = [m.get("lr", m.get("learning_rate")) for m in self.metrics]
+        logged = [float(v) for v in logged if isinstance(v, (int, float)) and math.isfinite(v)]
+        return max(logged) if logged else None
 
     @property
     def seed(self) -> int | None:
         return self.config.get("run", {}).get("seed")
+
+    @property
+    def label(self) -> str:
+        """``name (seed S, lr X)`` with whatever of seed and lr the run directory records."""
+        parts = [f"seed {self.seed}"] if self.seed is not None else []
+        if self.lr is not None:
+            parts.append(f"lr {self.lr:g}")
+        return f"{self.name} ({', '.join(parts)})" if parts else self.name
 
 
 def load_run(path: str | Path) -> RunLog:
     path = Path(path)
     if not (path / "metrics.jsonl").is_file():
         raise FileNotFoundError(f"{path} is not a run directory (no metrics.jsonl)")
-    config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
+    config = {}
+    if (path / "config.yaml").is_file():
+        config = require("yaml", "reading a run's config.yaml").safe_load((path / "config.yaml").read_text())
 
     def read(kind):
         f = path / f"{kind}.jsonl"
         return read_jsonl(f) if f.is_file() else []
 
-    name = config.get("run", {}).get("name", path.name)
+    # The HF callback writes into <output_dir>/forces: name such a run after its output directory.
+    default = path.parent.name if path.name == "forces" and path.parent.name else path.name
+    name = config.get("run", {}).get("name", default)
     return RunLog(path, name, config or {}, read("metrics"), read("forces"), read("weibull"))
 
 
@@ -158,8 +177,7 @@ def _num(v) -> float:
 
 # ---------------------------------------------------------------------------------------------- figures
 def _plt():
-    import matplotlib
-
+    matplotlib = require("matplotlib", "drawing figures")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -204,7 +222,7 @@ def figure_align_share(runs: list[RunLog], path: Path, cls: str = "Transmission"
     plotted = {}
     for run in runs:
         s = force_series(run, cls)
-        ax.plot(s["step"], s["align_share"], label=f"{run.name} (seed {run.seed}, lr {run.lr:g})", lw=1.2)
+        ax.plot(s["step"], s["align_share"], label=run.label, lw=1.2)
         plotted[run.name] = s["align_share"]
     lo, hi = PAPER_RISE_ALIGN
     ax.axhspan(lo, hi, color="grey", alpha=0.2, label=f"paper: rise phase (≤ 5k steps) {lo}–{hi}%")
@@ -288,7 +306,7 @@ def make_report(run_dirs: list[str | Path], out: str | Path, cls: str = "Transmi
     p = out / "align_share.png"
     result["data"]["align_share"] = figure_align_share(runs, p, cls)
     result["files"].append(p)
-    with_fits = [r for r in runs if r.weibull]
+    with_fits = [r for r in runs if r.weibull and r.lr is not None]
     if len({r.lr for r in with_fits}) >= 2:
         p = out / "peak_lambda_vs_lr.png"
         result["data"]["peak_lambda"] = figure_peak_lambda(with_fits, p, cls)

@@ -239,7 +239,8 @@ def test_closure_and_tensor_lr():
     x, y = torch.randn(16, 5), torch.randn(16, 1)
     ours = InstrumentedAdamW(model.parameters(), lr=torch.tensor(0.01), foreach=False)
     ref = torch.optim.AdamW(twin.parameters(), lr=torch.tensor(0.01), foreach=False)
-    for m, o in ((model, ours), (twin, ref)):
+    losses = {}
+    for name, m, o in (("ours", model, ours), ("torch", twin, ref)):
 
         def closure(m=m, o=o):
             o.zero_grad()
@@ -247,8 +248,8 @@ def test_closure_and_tensor_lr():
             loss.backward()
             return loss
 
-        losses = [o.step(closure).item() for _ in range(3)]
-    assert losses[-1] < losses[0]
+        losses[name] = [o.step(closure).item() for _ in range(3)]
+    assert losses["ours"] == losses["torch"] and losses["ours"][-1] < losses["ours"][0]
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(a, b)
     assert ours.last_forces().to_dict()["group0.param0"]["lr"] == pytest.approx(0.01)
@@ -259,10 +260,15 @@ def test_track_every_and_filter_and_off():
     opt = InstrumentedAdamW(param_groups(params, 0.01), track_every=3, track_filter=lambda n: "weight" in n)
     assert opt.tracked_names == ["enc.weight", "dec.weight", "norm.weight"]
     run(opt, params, 7)  # calls 1, 4, 7 are measured
-    assert (opt.read_forces().steps == 3).all()
-    off = InstrumentedAdamW(param_groups(make_params(), 0.01), track=False)
-    run(off, make_params(), 1)
-    assert (off.read_forces().steps == 0).all()
+    r = opt.read_forces()
+    assert (r.steps == 3).all() and (r.unmeasured_steps == 4).all()
+    held = make_params()
+    before = {n: p.detach().clone() for n, p in held.items()}
+    off = InstrumentedAdamW(param_groups(held, 0.01), track=False)
+    run(off, held, 2)
+    assert all(not torch.equal(before[n], p) for n, p in held.items())  # it stepped the tensors it holds
+    r = off.read_forces()
+    assert (r.steps == 0).all() and (r.unmeasured_steps == 0).all() and not r.interval.any()
 
 
 @pytest.mark.parametrize(
