@@ -122,9 +122,9 @@ def fit_weibull(w: Tensor, trim: float = 0.1, chunk: int = CHUNK, *, center: boo
     ``center=True`` subtracts the matrix's sample mean first (the paper's App. A.1 pipeline step). Off by default:
     on this sample-level fit it moves k by ~2e-6 (at most 5e-5 over 64 draws of N(0, 0.02²) 512×2048), and
     without it the fit stays a function of the weights alone (what the monitor and ``fit_blocks`` have always
-    reported). With it, ``rms`` and
-    ``std_abs`` describe the centred values, and elements that are exactly zero *after* centring are dropped (so
-    a pruned matrix's zeros become −mean and are kept: leave ``center`` off for sparse matrices)."""
+    reported). With it, ``rms`` and ``std_abs`` describe the centred values, and elements that are exactly zero
+    *after* centring are dropped (so a pruned matrix's zeros become −mean and are kept: leave ``center`` off for
+    sparse matrices)."""
     a, n, rms, std_abs = _abs_nonzero(w, "fit_weibull", center)
     lo, hi = hazen_rank_range(n, trim)
     if hi - lo + 1 < 3:
