@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._extras import require
 from .report import RunLog, load_run
 
 BRIDGES = ("gamma_fixed_k", "gamma_fitted_k", "initial_ratio")
@@ -282,8 +283,7 @@ def validate_spline(
     Returns, per spacing and method, the median, interquartile range and fraction within ±10% of
     recovered/true over all (tensor, step) pairs of ``cls``.
     """
-    from safetensors.torch import load_file
-
+    load_file = require("safetensors.torch", "spline recovery from checkpoints").load_file
     run = run if isinstance(run, RunLog) else load_run(run)
     ckpts = _checkpoint_steps(run.path)
     truth: dict[tuple[str, int], float] = {}

@@ -14,29 +14,44 @@ from ._extras import MissingExtraError
 def _fit(args: argparse.Namespace) -> int:
     try:
         weights = dx.load_weights(args.path, revision=args.revision)
+        initial = dx.load_weights(args.init, revision=args.init_revision) if args.init else None
     except (dx.HubUnavailableError, FileNotFoundError, ValueError, MissingExtraError) as exc:
         print(f"instrumented-adamw fit: {exc}", file=sys.stderr)
         return 2
-    blocks = dx.fit_blocks(weights, trim=args.trim, include_vectors=args.include_vectors)
+    blocks = dx.fit_blocks(weights, trim=args.trim, include_vectors=args.include_vectors, method=args.method)
     if not blocks:
         print(f"instrumented-adamw fit: no weight matrices to fit in {weights.source}", file=sys.stderr)
         return 2
     family = dx.family_of(weights)
-    summary: dict = dict(source=weights.source, model_type=weights.model_type, family=family, trim=args.trim)
+    summary: dict = dict(
+        source=weights.source, model_type=weights.model_type, family=family, trim=args.trim, method=args.method
+    )
     if weights.config:
         try:
             summary["attention"] = dx.attention_architecture(weights.config)
         except ValueError:
             pass  # a config without head counts: nothing to report
-    try:
-        summary["k_drift_transmission"] = dx.k_drift(blocks, args.trim).median
+    try:  # F6 against the half-normal anchor: needs only this checkpoint
+        summary["k_minus_k0_transmission"] = dx.k_drift_from_anchor(blocks, args.trim).median
     except ValueError:
-        summary["k_drift_transmission"] = None  # no Transmission matrices (unclassified or unknown model)
+        summary["k_minus_k0_transmission"] = None  # no Transmission matrices (unclassified or unknown model)
+    if initial is not None:  # F6 as the paper defines it: Δk = k_terminal − k_init
+        init_blocks = dx.fit_blocks(initial, trim=args.trim, classes=[dx.TRANSMISSION], method=args.method)
+        try:
+            drift = dx.k_drift(init_blocks, blocks)  # Transmission blocks, matched by name
+        except ValueError as exc:
+            print(f"instrumented-adamw fit: --init {args.init}: {exc}", file=sys.stderr)
+            return 2
+        summary["init"] = initial.source
+        summary["delta_k_transmission"] = drift.median
     if args.json:
         json.dump(dict(summary, blocks=[b.to_dict() for b in blocks]), sys.stdout, indent=1)
         print()
         return 0
-    print(f"{weights.source}: {len(blocks)} blocks, model_type={weights.model_type}, naming={family}, trim={args.trim}")
+    print(
+        f"{weights.source}: {len(blocks)} blocks, model_type={weights.model_type}, naming={family}, trim={args.trim}, "
+        f"{args.method} fit"
+    )
     header = f"{'layer':>5} {'component':<10} {'class':<13} {'shape':<14} {'k':>7} {'lambda':>9} {'R2':>7} {'RMS':>9}"
     print(header + f" {'lam/RMS':>7}  name")
     for b in sorted(blocks, key=lambda b: (b.layer if b.layer is not None else -1, b.name)):
@@ -47,8 +62,12 @@ def _fit(args: argparse.Namespace) -> int:
             f"{layer:>5} {b.component or '-':<10} {b.cls:<13} {shape:<14} {f.k:>7.4f} {f.lam:>9.5f} {f.r2:>7.4f} "
             f"{f.rms:>9.5f} {f.lam_over_rms:>7.4f}  {b.name}"
         )
-    if summary["k_drift_transmission"] is not None:
-        print(f"median Transmission k − k0: {summary['k_drift_transmission']:+.4f}")
+    if summary["k_minus_k0_transmission"] is not None:
+        print(f"median Transmission k − k0 (half-normal anchor): {summary['k_minus_k0_transmission']:+.4f}")
+    if "delta_k_transmission" in summary:
+        print(
+            f"median Transmission Δk = k_terminal − k_init ({initial.source}): {summary['delta_k_transmission']:+.4f}"
+        )
     if "attention" in summary:
         print(f"attention: {summary['attention']['kind']}")
     return 0
@@ -93,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--trim", type=float, default=0.1, help="fraction trimmed at each end (0.1 = mid-80)")
     fit.add_argument("--revision", default=None, help="hub revision (e.g. step1000) for a hub id")
     fit.add_argument("--include-vectors", action="store_true", help="also fit biases and norm weights")
+    fit.add_argument(
+        "--method",
+        choices=dx.FIT_METHODS,
+        default="exact",
+        help="exact (every element; default) or histogram (the papers' database pipeline: centred, 1024 log10 bins)",
+    )
+    fit.add_argument(
+        "--init", default=None, help="initial checkpoint of the same model: also report Δk = k_terminal − k_init"
+    )
+    fit.add_argument("--init-revision", default=None, help="hub revision of --init (e.g. step0)")
     fit.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fit.set_defaults(func=_fit)
     rep = sub.add_parser("report", help="figures (PNG) and one HTML page from run directories")

@@ -1,4 +1,4 @@
-"""F1–F8 diagnostics on live modules, state dicts, safetensors files and HF directories; the `fit` command."""
+"""F1–F8 diagnostics (the paper's Table 6 numbering) on modules, state dicts, files and HF directories; `fit`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from models import tiny_model
 
 from instrumented_adamw import diagnostics as dx
 from instrumented_adamw.cli import main
-from instrumented_adamw.weibull import fit_weibull, half_normal_anchor
+from instrumented_adamw.weibull import fit_weibull, fit_weibull_histogram, half_normal_anchor
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def _block(name, k, cls="Transmission", pooled=False):
     return dx.BlockFit(name, 0, "o", cls, (10, 10), fit, pooled)
 
 
-def test_cross_family_band_and_k_drift():
+def test_cross_family_band():
     entries = {
         "a": [_block("x", 1.19), _block("y", 1.21), _block("z", 1.20), _block("q", 0.9, cls="Selection")],
         "b": [_block("x", 1.18), _block("y", 1.22), _block("p", 0.5, pooled=True)],
@@ -93,12 +93,30 @@ def test_cross_family_band_and_k_drift():
     band = dx.cross_family_band(entries)
     assert band.medians == {"a": pytest.approx(1.20), "b": pytest.approx(1.20)}
     assert band.low == pytest.approx(1.20) and band.cv == pytest.approx(0.0, abs=1e-12)
-    drift = dx.k_drift(entries["a"])
-    k0, _ = half_normal_anchor()
-    assert drift.anchor == pytest.approx(k0) and set(drift.per_block) == {"x", "y", "z"}
-    assert drift.median == pytest.approx(1.20 - k0) and drift.max_abs == pytest.approx(abs(1.19 - k0))
     with pytest.raises(ValueError, match="no per-block"):
         dx.cross_family_band({"c": [_block("p", 1.0, pooled=True)]})
+
+
+def test_k_drift_init_and_anchor_are_both_offered_and_named():
+    initial = [_block("x", 1.2050), _block("y", 1.2060), _block("q", 1.20, cls="Selection")]
+    terminal = [_block("x", 1.19), _block("y", 1.21), _block("q", 0.9, cls="Selection"), _block("p", 0.5, pooled=True)]
+    # The paper's F6: Δk = k_terminal − k_init, block by block.
+    drift = dx.k_drift(initial, terminal)
+    assert drift.reference == "init" and drift.anchor is None
+    assert drift.per_block == {"x": pytest.approx(1.19 - 1.2050), "y": pytest.approx(1.21 - 1.2060)}
+    assert drift.median == pytest.approx((1.19 - 1.2050 + 1.21 - 1.2060) / 2)
+    assert drift.max_abs == pytest.approx(0.015)
+    assert dx.k_drift(initial, terminal, cls=None).per_block["q"] == pytest.approx(0.9 - 1.20)
+    # Against the half-normal anchor of the same protocol: one checkpoint suffices.
+    anchored = dx.k_drift_from_anchor(terminal)
+    k0, _ = half_normal_anchor()
+    assert anchored.reference == "anchor" and anchored.anchor == pytest.approx(k0)
+    assert set(anchored.per_block) == {"x", "y"}
+    assert anchored.median == pytest.approx(1.20 - k0) and anchored.max_abs == pytest.approx(abs(1.19 - k0))
+    assert dx.k_drift_from_anchor(terminal, trim=0.05).anchor == pytest.approx(half_normal_anchor(0.05)[0])
+    # Unmatched blocks are named, not dropped.
+    with pytest.raises(ValueError, match=r"only in initial \['y'\], only in terminal \[\]"):
+        dx.k_drift(initial, [_block("x", 1.19)])
 
 
 def test_lambda_scaling_recovers_known_law():
@@ -122,14 +140,62 @@ def test_attention_architecture_from_configs():
         dx.attention_architecture({})
 
 
-def test_paired_lambda_correlation_and_training_budget():
+def test_paired_lambda_correlation_is_log_log():
     a = np.array([0.02, 0.03, 0.05, 0.07, 0.075])
     out = dx.paired_lambda_correlation(a, 1.3 * a**0.8)
-    assert out["log_slope"] == pytest.approx(0.8) and out["pearson_r"] > 0.99
-    # Pythia-70M: 143k steps at lr 1e-3, wd 0.01 -> 1.43, "saturated" (paper).
-    assert dx.training_budget(1e-3, 0.01, steps=143_000) == {"t_over_tau": pytest.approx(1.43), "label": "saturated"}
+    # A power law is a straight line in log-log: r = 1 exactly, while the linear Pearson r is below 1.
+    assert out["r"] == pytest.approx(1.0, abs=1e-12) and out["log_slope"] == pytest.approx(0.8)
+    assert out["r_linear"] < 1 - 1e-5 and out["n"] == 5
+    # On noisy data the two differ; r is Pearson of the logs.
+    b = np.array([0.021, 0.035, 0.048, 0.081, 0.070])
+    out = dx.paired_lambda_correlation(a, b)
+    assert out["r"] == pytest.approx(np.corrcoef(np.log(a), np.log(b))[0, 1], rel=1e-12)
+    assert out["r_linear"] == pytest.approx(np.corrcoef(a, b)[0, 1], rel=1e-12)
+    assert abs(out["r"] - out["r_linear"]) > 1e-3
+    with pytest.raises(ValueError, match="positive"):
+        dx.paired_lambda_correlation([0.1, 0.0, 0.2], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="constant"):
+        dx.paired_lambda_correlation([0.1, 0.1, 0.1], [0.1, 0.2, 0.3])
+
+
+#: Pythia (Biderman et al. 2023, Table of model sizes): peak learning rate per size; all sizes trained 143,000
+#: steps with weight decay 0.01. The framework paper quotes T/τ = T·η·λ_wd and labels each size.
+PYTHIA_LR = {"70m": 1e-3, "160m": 6e-4, "410m": 3e-4, "1b": 3e-4, "6.9b": 1.2e-4}
+PAPER_STATES = {
+    "70m": (1.43, "Saturated"),
+    "160m": (0.86, "Near-saturated"),
+    "410m": (0.43, "Approaching"),
+    "1b": (0.43, "Approaching"),
+    "6.9b": (0.17, "Transition"),
+}
+
+
+@pytest.mark.parametrize("size", list(PYTHIA_LR))
+def test_training_budget_reproduces_the_papers_pythia_states(size):
+    t_over_tau, label = PAPER_STATES[size]
+    out = dx.training_budget(PYTHIA_LR[size], 0.01, steps=143_000)
+    assert out["t_over_tau"] == pytest.approx(t_over_tau, abs=0.005)  # the paper prints two decimals
+    assert out["label"] == label
+    assert dx.physical_state(t_over_tau) == label  # the printed value gives the same state
+
+
+def test_physical_state_thresholds_and_schedules():
+    assert [dx.physical_state(x) for x in (0.0, 0.1999, 0.2, 0.6931, math.log(2), 0.9999, 1.0, 50.0)] == [
+        "Transition",
+        "Transition",
+        "Approaching",
+        "Approaching",
+        "Near-saturated",
+        "Near-saturated",
+        "Saturated",
+        "Saturated",
+    ]
+    with pytest.raises(ValueError, match="non-negative"):
+        dx.physical_state(-0.1)
+    with pytest.raises(ValueError, match="non-negative"):
+        dx.physical_state(float("nan"))
     sched = np.full(1000, 1e-3)
-    assert dx.training_budget(sched, 0.01)["label"] == "transient"
+    assert dx.training_budget(sched, 0.01) == {"t_over_tau": pytest.approx(0.01), "label": "Transition"}
     assert dx.training_budget(sched, 0.5)["t_over_tau"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="steps"):
         dx.training_budget(1e-3, 0.01)
@@ -147,7 +213,33 @@ def test_fit_command_table_and_json(neox, tmp_path, capsys):
     name = "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"
     assert blocks[name]["k"] == pytest.approx(fit_weibull(neox.get_parameter(name)).k, rel=1e-12)
     assert blocks[name]["layer"] == 1 and blocks[name]["cls"] == "Transmission"
-    assert math.isfinite(data["k_drift_transmission"])
+    assert math.isfinite(data["k_minus_k0_transmission"]) and "delta_k_transmission" not in data
+    assert data["method"] == "exact" and blocks[name]["method"] == "exact"
+
+
+def test_fit_command_histogram_method_and_init_checkpoint(neox, tmp_path, capsys):
+    neox.save_pretrained(tmp_path / "init")
+    trained = tiny_model("gpt_neox")
+    with torch.no_grad():  # a "terminal" checkpoint: every matrix rescaled (k unchanged) plus a heavier tail
+        for p in trained.parameters():
+            p.mul_(3.0).add_(0.3 * p**3 / p.abs().max())
+    trained.save_pretrained(tmp_path / "final")
+    assert main(["fit", str(tmp_path / "final"), "--init", str(tmp_path / "init"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    init_blocks = dx.fit_blocks(tmp_path / "init", classes=["Transmission"])
+    final_blocks = dx.fit_blocks(tmp_path / "final", classes=["Transmission"])
+    assert data["delta_k_transmission"] == pytest.approx(dx.k_drift(init_blocks, final_blocks).median, rel=1e-12)
+    assert data["init"] == str(tmp_path / "init")
+    assert main(["fit", str(tmp_path / "final"), "--init", str(tmp_path / "init")]) == 0
+    assert "Δk = k_terminal − k_init" in capsys.readouterr().out
+    assert main(["fit", str(tmp_path / "init"), "--method", "histogram", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    name = "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"
+    block = {b["name"]: b for b in data["blocks"]}[name]
+    assert data["method"] == block["method"] == "histogram"
+    assert block["k"] == pytest.approx(fit_weibull_histogram(neox.get_parameter(name)).k, rel=1e-12)
+    assert main(["fit", str(tmp_path / "final"), "--init", str(tmp_path / "nowhere")]) == 2
+    assert "neither a file" in capsys.readouterr().err
 
 
 def test_fit_command_offline_hub_id_fails_clearly(capsys, monkeypatch):

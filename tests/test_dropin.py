@@ -395,3 +395,14 @@ def test_fp32_bound_holds_when_a_tensor_collapses_in_one_step():
     assert w_next_sq < 1e-6 * last["w_sq"]  # it collapsed
     assert residual > 2 * EPS32 * w_next_sq  # the old statement is not a bound
     assert residual <= fp32_closure_bound(last["w_sq"], w_next_sq, last["u_sq"], lr, wd)
+
+
+def test_fit_without_safetensors_names_the_extra(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import save_file
+
+    from instrumented_adamw.cli import main
+
+    save_file({"w": torch.randn(64, 64)}, str(tmp_path / "w.safetensors"))
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    assert main(["fit", str(tmp_path / "w.safetensors")]) == 2
+    assert "pip install 'instrumented-adamw[checkpoints]'" in capsys.readouterr().err
