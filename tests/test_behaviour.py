@@ -345,6 +345,30 @@ def test_step_reads_nothing_back_beyond_what_torch_reads(flags):
     assert _host_reads(ours, pb) == _host_reads(ref, pa)
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [{"foreach": False}, {"foreach": True}, {"capturable": True, "foreach": False}, {"capturable": True},
+     {"foreach": True, "track_every": 2}, {"foreach": False, "weight_decay_schedule": "lr_squared"}],
+)  # fmt: skip
+def test_step_never_reads_device_data(monkeypatch, flags):
+    """On the meta device every read of tensor data (``item``, ``bool``, ``tolist``, a copy to the host) raises,
+    so any host sync hidden in ``step()`` fails here, whatever form it takes. Step counters of the non-capturable
+    paths live on the CPU (as in torch), so reading them is not a device read. The capturable path (CUDA graphs)
+    keeps everything on the device."""
+    import torch.optim.adam as adam_module
+
+    supported = adam_module._get_capturable_supported_devices()
+    monkeypatch.setattr(adam_module, "_get_capturable_supported_devices", lambda *a, **k: supported + ["meta"])
+    params = [torch.nn.Parameter(torch.empty(shape, device="meta")) for shape in ((300, 7), (7,), ())]
+    opt = InstrumentedAdamW([{"params": params[:2]}, {"params": params[2:], "lr": 3e-3}], **flags)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.empty(p.shape, device="meta")
+        opt.step()
+    with pytest.raises(NotImplementedError, match="meta"):  # the read is the one place that copies to the host
+        opt.read_forces()
+
+
 def test_lr_squared_weight_decay_matches_its_formula_on_every_path():
     """λ_t = λ·η_t/η_max: the update equals torch AdamW given that λ_t, and the decay force uses it."""
     for flags in ({"foreach": False}, {"foreach": True}, {"fused": True}):

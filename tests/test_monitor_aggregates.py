@@ -1,0 +1,126 @@
+"""Monitor aggregates against values computed independently of ``monitor.aggregate``.
+
+The per-tensor ground truth here is accumulated step by step from ``opt.last_forces()`` (a read that does not reset
+the interval), and every class and layer entry, and every flat metric, is recomputed from those per-tensor values
+with its documented definition. A monitor that sums where it should average (T/τ), takes the interval where it
+should take the last step (cos(W, û)), or skips a log step, fails here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from models import tiny_model
+
+from instrumented_adamw import LAST_KEYS, QUANTITIES, InstrumentedAdamW
+from instrumented_adamw.monitor import ForceMonitor, equilibrium_norm
+from instrumented_adamw.sinks import JsonlSink, read_jsonl
+
+STEPS, LOG_EVERY, FIT_EVERY = 40, 4, 8  # step 40 is the 10th log: a skip-every-10th bug shows
+Q = {q: i for i, q in enumerate(QUANTITIES)}
+L = {k: i for i, k in enumerate(LAST_KEYS)}
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    """A user's loop with ForceMonitor.step, and the per-tensor truth accumulated beside it."""
+    out = tmp_path_factory.mktemp("agg")
+    model = tiny_model("gpt_neox")
+    opt = InstrumentedAdamW(model.named_parameters(), lr=3e-3, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))  # lr varies: T/τ per step too
+    monitor = ForceMonitor(opt, model, [JsonlSink(out)], log_every=LOG_EVERY, weibull_every=FIT_EVERY)
+    names = opt.tracked_names
+    truth, acc, steps = {}, np.zeros((len(names), len(QUANTITIES))), np.zeros(len(names))
+    for s in range(1, STEPS + 1):
+        ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(s))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        r = opt.last_forces()
+        acc += r.last[:, : len(QUANTITIES)]
+        steps += 1
+        if s % LOG_EVERY == 0:
+            w_now = np.array([p.detach().double().pow(2).sum().item() for _, p in opt.tracked_parameters()])
+            truth[s] = dict(interval=acc.copy(), last=r.last.copy(), steps=steps.copy(), w_now=w_now)
+            acc[:], steps[:] = 0.0, 0
+        monitor.step(s, loss=float(s))
+        sched.step()
+    monitor.close()
+    numel = np.array([p.numel() for _, p in opt.tracked_parameters()], dtype=np.float64)
+    return dict(out=out, names=names, truth=truth, numel=numel, roles=monitor.roles)
+
+
+def _expected(t, rows, numel):
+    """Every aggregate of one set of tensors, from the per-tensor truth, by the documented definitions."""
+    iv, last = t["interval"][rows], t["last"][rows]
+    s = iv.sum(axis=0)
+    a, i, d = s[Q["align"]], s[Q["inject"]], s[Q["decay"]]
+    budget = abs(a) + i + abs(d)
+    w_now, n = t["w_now"][rows].sum(), numel[rows].sum()
+    u_norm = math.sqrt((iv[:, Q["u_sq"]] / t["steps"][rows]).sum())
+    cos_interval = s[Q["w_dot_u"]] / math.sqrt(s[Q["w_sq"]] * s[Q["u_sq"]])
+    lr, wd = last[:, L["lr"]].mean(), last[:, L["weight_decay"]].mean()
+    return dict(
+        align=a, inject=i, decay=d,
+        align_share=abs(a) / budget, inject_share=i / budget, decay_share=abs(d) / budget,
+        net=a + i + d + s[Q["higher_order"]],
+        eta_lambda=iv[:, Q["eta_lambda"]].mean(),  # a per-step hyperparameter: the mean, not the sum
+        rms=math.sqrt(w_now / n),
+        cos_w_u=last[:, Q["w_dot_u"]].sum() / math.sqrt(last[:, Q["u_sq"]].sum() * last[:, Q["w_sq"]].sum()),
+        cos_w_u_interval=cos_interval,
+        rms_eq=equilibrium_norm(u_norm, cos_interval, lr, wd) / math.sqrt(n),
+        rms_eq_indep=equilibrium_norm(u_norm, 0.0, lr, wd) / math.sqrt(n),
+        steps=int(t["steps"][rows].max()),
+    )  # fmt: skip
+
+
+def test_every_log_step_and_fit_step_is_written_once(logged):
+    out = logged["out"]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+    assert [r["step"] for r in read_jsonl(out / "forces.jsonl")] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+    assert [r["step"] for r in read_jsonl(out / "weibull.jsonl")] == list(range(FIT_EVERY, STEPS + 1, FIT_EVERY))
+
+
+def test_tensor_entries_equal_the_step_by_step_truth(logged):
+    for rec in read_jsonl(logged["out"] / "forces.jsonl"):
+        t = logged["truth"][rec["step"]]
+        for i, name in enumerate(logged["names"]):
+            entry = rec["tensors"][name]
+            for q in ("w_dot_u", "u_sq", "w_sq", "align", "inject", "decay", "higher_order"):
+                assert entry[q] == pytest.approx(t["interval"][i, Q[q]], rel=1e-12, abs=1e-300), (name, q)
+            assert entry["steps"] == t["steps"][i] == LOG_EVERY
+            assert entry["last_align"] == t["last"][i, L["align"]] and entry["last_lr"] == t["last"][i, L["lr"]]
+            assert entry["w_sq_now"] == pytest.approx(t["w_now"][i], rel=1e-6)
+
+
+def test_class_and_layer_entries_and_metrics_follow_their_definitions(logged):
+    names, numel, roles = logged["names"], logged["numel"], logged["roles"]
+    classes = {
+        c: np.array([i for i, n in enumerate(names) if roles[n].cls == c]) for c in {r.cls for r in roles.values()}
+    }
+    layers = {str(k): np.array([i for i, n in enumerate(names) if roles[n].layer == k])
+              for k in {r.layer for r in roles.values() if r.layer is not None}}  # fmt: skip
+    metrics = {m["step"]: m for m in read_jsonl(logged["out"] / "metrics.jsonl")}
+    t_over_tau = dict.fromkeys(classes, 0.0)
+    for rec in read_jsonl(logged["out"] / "forces.jsonl"):
+        t = logged["truth"][rec["step"]]
+        for group, sets in (("classes", classes), ("layers", layers)):
+            for key, rows in sets.items():
+                want = _expected(t, rows, numel)
+                got = rec[group][key]
+                for k, v in want.items():
+                    assert got[k] == pytest.approx(v, rel=1e-6), (rec["step"], group, key, k)
+        for c, rows in classes.items():
+            t_over_tau[c] += _expected(t, rows, numel)["eta_lambda"]
+            assert rec["classes"][c]["t_over_tau"] == pytest.approx(t_over_tau[c], rel=1e-12)
+            m = metrics[rec["step"]]
+            assert m[f"{c}/t_over_tau"] == rec["classes"][c]["t_over_tau"]
+            for k in ("align_share", "inject_share", "decay_share", "rms", "net", "cos_w_u", "rms_eq"):
+                assert m[f"{c}/{k}"] == rec["classes"][c][k]
+        assert metrics[rec["step"]]["loss"] == float(rec["step"])
+    # T/τ of a class is Σ_t η_t λ_t: all its tensors share one group here, so it equals one tensor's sum.
+    lr_sum = sum(0.1 * 3e-3 / (1 + 0.1 * s) for s in range(STEPS))
+    assert t_over_tau["Transmission"] == pytest.approx(lr_sum, rel=1e-9)
