@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 
 from ._extras import require
-from .report import RunLog, load_run
+from .plotting import colors, plt, save_figure
+from .reference import PAPER_SPLINE_MEDIAN
+from .runs import RunLog, load_run
 
 BRIDGES = ("gamma_fixed_k", "gamma_fitted_k", "initial_ratio")
 BOOKKEEPING = ("exact", "published")
@@ -499,8 +501,12 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, spacings: Se
     ckpts = sorted(_checkpoint_steps(run.path))
     if spacings is None:
         spacings = [s for s in (250, 500, 1000) if sum(1 for c in ckpts if c % s == 0) >= 3]
+        if not spacings:
+            result["spline"] = dict(skipped=_spline_why(ckpts, (250, 500, 1000)))
     if spacings:
         result["spline"] = validate_spline(run, spacings, cls)["spacings"]
+        if all("skipped" in v for v in result["spline"].values()):
+            result["spline"] = dict(skipped=_spline_why(ckpts, spacings))
     try:
         result["depth"] = depth_ratio(run, cls)
     except ValueError as exc:
@@ -510,41 +516,47 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, spacings: Se
     (out / "analysis.json").write_text(json.dumps(result, indent=1, default=float))
     figure_closed_loop(run, out / "closed_loop.png", cls)
     files = [out / "analysis.json", out / "closed_loop.png"]
-    if "spline" in result:
+    if "skipped" not in result["spline"]:  # no empty figure: the JSON says why there is none
         figure_spline(result["spline"], out / "spline_recovery.png", cls)
         files.append(out / "spline_recovery.png")
     result["files"] = files
     return result
 
 
-def figure_closed_loop(run: RunLog, path: Path, cls: str = "Transmission") -> dict[str, Any]:
-    from .report import _plt, save_figure
+def _spline_why(ckpts: list[int], spacings: Sequence[int]) -> str:
+    """Why spline recovery cannot run: it needs ≥ 3 numbered checkpoints at a spacing (a cubic through them)."""
+    have = ", ".join(map(str, ckpts[:12])) + (" …" if len(ckpts) > 12 else "")
+    return (
+        f"spline recovery needs at least 3 checkpoints at one spacing; at spacings {list(spacings)} this run has "
+        f"fewer (checkpoints at steps {have or 'none'}). Save more (checkpoint.every) or pass --spacings S with "
+        "S dividing at least three checkpoint steps."
+    )
 
-    plt = _plt()
+
+def figure_closed_loop(run: RunLog, path: Path, cls: str = "Transmission") -> dict[str, Any]:
+    pyplot = plt()
     exact = closed_loop(run, cls, "initial_ratio", "exact")
     pub = closed_loop(run, cls, "initial_ratio", "published")
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, (name, d) in enumerate(exact["tensors"].items()):
-        c = plt.get_cmap("tab10")(i % 10)
-        ax.plot(d["step"], d["lam_fit"], "o", color=c, ms=3, label=f"fitted λ: {name}" if i < 6 else None)
+    fig, ax = pyplot.subplots(figsize=(9, 5.5))
+    tensors = exact["tensors"]
+    for (name, d), c in zip(tensors.items(), colors(len(tensors)), strict=True):
+        ax.plot(d["step"], d["lam_fit"], "o", color=c, ms=3, label=name.removesuffix(".weight"))
         ax.plot(d["step"], d["lam_pred"], "-", color=c, lw=1)
         ax.plot(d["step"], pub["tensors"][name]["lam_pred"], ":", color=c, lw=1)
     ax.plot([], [], "k-", label=f"closed loop, exact forces (logRMSE {exact['log_rmse']:.4f})")
     ax.plot([], [], "k:", label=f"closed loop, published bookkeeping (logRMSE {pub['log_rmse']:.4f})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("Weibull scale λ (weight units)")
-    ax.set_title(f"{run.name}: {cls} λ predicted from ‖W‖²(0) + Σ forces, bridge = λ/RMS at init")
-    ax.legend(fontsize=6)
+    ax.set_title(f"{run.name}: {cls} λ predicted from ‖W‖²(0) + Σ forces\n(dots: fitted λ; bridge: λ/RMS at init)")
+    ax.legend(fontsize=6, ncol=2 if len(tensors) > 8 else 1, loc="best")
     ax.grid(alpha=0.3)
     save_figure(fig, path)
     return dict(exact=exact, published=pub)
 
 
 def figure_spline(summary: dict[str, Any], path: Path, cls: str) -> None:
-    from .report import _plt, save_figure
-
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(8, 4.5))
     spacings = [s for s in summary if "skipped" not in summary[s]]
     width = 0.8 / len(SPLINE_METHODS)
     for j, m in enumerate(SPLINE_METHODS):
@@ -554,7 +566,8 @@ def figure_spline(summary: dict[str, Any], path: Path, cls: str) -> None:
         hi = [summary[s][m]["q3"] - summary[s][m]["median"] for s in spacings]
         ax.errorbar(xs, med, yerr=[lo, hi], fmt="o", capsize=3, label=f"{m} (median, IQR)")
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.axhspan(0.917, 0.938, color="grey", alpha=0.2, label="paper: spline median 0.917–0.938 (Pythia)")
+    lo, hi = PAPER_SPLINE_MEDIAN
+    ax.axhspan(lo, hi, color="grey", alpha=0.2, label=f"paper: spline median {lo}–{hi} (Pythia)")
     ax.set_xticks(np.arange(len(spacings)), [f"S = {s}" for s in spacings])
     ax.set_ylabel(f"recovered / true {cls} alignment")
     ax.set_title("spline displacement recovery from checkpoints, full tensors")

@@ -166,3 +166,17 @@ def test_analyze_command_writes_json_and_figures(run, tmp_path, capsys):
     for f in ("closed_loop.png", "spline_recovery.png"):
         assert (tmp_path / f).stat().st_size > 10_000
     assert "closed_loop.png" in capsys.readouterr().out
+
+
+def test_analyze_says_why_there_is_no_spline_and_draws_no_empty_figure(run, tmp_path, capsys):
+    import json
+
+    from instrumented_adamw.cli import main
+
+    # Defaults (250/500/1000) on a 200-step run, and a spacing that divides too few checkpoint steps.
+    for args, out in (([], tmp_path / "default"), (["--spacings", "13"], tmp_path / "thirteen")):
+        assert main(["analyze", str(run), "--out", str(out), *args]) == 0
+        data = json.loads((out / "analysis.json").read_text())
+        assert "at least 3 checkpoints" in data["spline"]["skipped"] and "--spacings" in data["spline"]["skipped"]
+        assert not (out / "spline_recovery.png").exists()
+        assert "spline_recovery.png" not in capsys.readouterr().out

@@ -173,8 +173,15 @@ def test_report_figures_come_from_the_logs(run, tmp_path):
     assert band["k_max"][-1] == max(b["k"] for b in fits[-1]["blocks"] if b["cls"] == "Transmission")
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "paper" in page
+    # A 60-step run is compared at the paper's fractions of training: paper step 2,500 (12.5%) -> step 7.5, whose
+    # nearest record (logged every 10) is step 10; 250 and 1,250 fall before the first record and say so.
     rows = share_table(load_run(run))
-    assert [r["step"] for r in rows] == list(PAPER_BUDGET) and all(r["ours"] is None for r in rows)  # 60-step run
+    assert [r["paper_step"] for r in rows] == list(PAPER_BUDGET)
+    assert [r["step"] for r in rows] == [None, None, 10, 10, 30, 60]
+    assert all("no force record near step" in r["why"] for r in rows[:2])
+    by_step = {m["step"]: m for m in metrics}
+    for r in rows[2:]:
+        assert r["ours"][0] == pytest.approx(100 * by_step[r["step"]]["Transmission/align_share"], rel=1e-12)
 
 
 def test_report_peak_lambda_across_a_sweep(run, tmp_path):

@@ -1,0 +1,80 @@
+"""Run directories as data: what the trainer, a user's loop with ``ForceMonitor`` or the HF callback wrote.
+
+A run directory holds ``metrics.jsonl`` (always), ``forces.jsonl`` and ``weibull.jsonl`` (when logged), and, from
+our trainer, ``config.yaml``. Analyses and figures read runs through :func:`load_run` only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._extras import require
+from .sinks import read_jsonl
+
+
+@dataclass
+class RunLog:
+    path: Path
+    name: str
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    forces: list[dict[str, Any]]
+    weibull: list[dict[str, Any]]
+
+    @property
+    def lr(self) -> float | None:
+        """The run's peak lr: from ``config.yaml`` (our trainer), else the largest logged ``lr`` (a user's loop, the
+        HF callback), else None."""
+        lr = self.config.get("optim", {}).get("lr")
+        if lr is not None:
+            return float(lr)
+        logged = [m.get("lr", m.get("learning_rate")) for m in self.metrics]
+        logged = [float(v) for v in logged if isinstance(v, (int, float)) and math.isfinite(v)]
+        return max(logged) if logged else None
+
+    @property
+    def weight_decay(self) -> float | None:
+        wd = self.config.get("optim", {}).get("weight_decay")
+        return None if wd is None else float(wd)
+
+    @property
+    def seed(self) -> int | None:
+        return self.config.get("run", {}).get("seed")
+
+    @property
+    def total_steps(self) -> int:
+        """Planned length (``schedule.total_steps``), else the last logged step."""
+        planned = self.config.get("schedule", {}).get("total_steps")
+        if planned:
+            return int(planned)
+        steps = [r["step"] for r in (*self.metrics, *self.forces, *self.weibull)]
+        return max(steps, default=0)
+
+    @property
+    def label(self) -> str:
+        """``name (seed S, lr X)`` with whatever of seed and lr the run directory records."""
+        parts = [f"seed {self.seed}"] if self.seed is not None else []
+        if self.lr is not None:
+            parts.append(f"lr {self.lr:g}")
+        return f"{self.name} ({', '.join(parts)})" if parts else self.name
+
+
+def load_run(path: str | Path) -> RunLog:
+    path = Path(path)
+    if not (path / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{path} is not a run directory (no metrics.jsonl)")
+    config: dict[str, Any] = {}
+    if (path / "config.yaml").is_file():
+        config = require("yaml", "reading a run's config.yaml").safe_load((path / "config.yaml").read_text()) or {}
+
+    def read(kind):
+        f = path / f"{kind}.jsonl"
+        return read_jsonl(f) if f.is_file() else []
+
+    # The HF callback writes into <output_dir>/forces: name such a run after its output directory.
+    default = path.parent.name if path.name == "forces" and path.parent.name else path.name
+    name = config.get("run", {}).get("name", default)
+    return RunLog(path, name, config, read("metrics"), read("forces"), read("weibull"))
