@@ -16,14 +16,14 @@ import hashlib
 import json
 import os
 import re
-import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
+
+from instrumented_adamw.netcheck import endpoint_reachable
 
 from .config import DataConfig
 
@@ -39,11 +39,17 @@ class DataUnavailableError(RuntimeError):
     """The requested data or tokenizer cannot be loaded here; the message names the local alternative."""
 
 
-LOCAL_HINT = (
-    "use the local path instead: data.source=local data.train_files=[DIR/train/*.txt] "
-    "data.valid_files=[DIR/valid/*] data.tokenizer=DIR/tokenizer/20B_tokenizer.json "
-    "(e.g. DIR=../shared/data/lmcorpus)"
-)
+def offline_hint(tokenizer: str) -> str:
+    """What to do without the hub: things a user can actually fetch on a machine that has network."""
+    tok = f"`hf download {tokenizer} tokenizer.json --local-dir TOK`" if "/" in tokenizer else "its tokenizer.json"
+    return (
+        "train without the hub instead: on a machine with network, pre-tokenize the data once "
+        "(`python -m train.pretokenize CONFIG OUT`), copy OUT here and set data.source=tokens "
+        "data.train_files=[OUT/train.bin] data.valid_files=[OUT/valid.bin]; or train on your own text files with "
+        f"data.source=local data.train_files=[...] data.tokenizer=TOK/tokenizer.json (fetched there with {tok}). "
+        "With the dataset and tokenizer already in this machine's Hugging Face cache, set HF_HUB_OFFLINE=1 and "
+        "HF_DATASETS_OFFLINE=1"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- documents
@@ -91,36 +97,31 @@ def local_documents(files: list[Path]) -> Iterator[str]:
             raise DataUnavailableError(f"{f}: unsupported file type {f.suffix!r} (use .txt, .raw, .tokens, .parquet)")
 
 
-def hub_reachable(timeout: float = 5.0) -> bool:
-    """Whether the Hugging Face endpoint answers a TCP connect within ``timeout`` (no 20 s retry loops).
-
-    Offline mode answers no at once; with a proxy configured the probe is skipped (the client goes through it)."""
+def hub_reachable(timeout: float | None = None) -> bool:
+    """Whether the Hugging Face endpoint answers a TCP connect within ``timeout`` seconds (default
+    :data:`instrumented_adamw.netcheck.PROBE_TIMEOUT_S`), instead of the hub client's retry loops. Offline mode
+    (``HF_HUB_OFFLINE``) answers no at once; behind a proxy the probe defers to the client. The one hub probe of
+    the trainer: data, tokenizers and pretrained models all ask here."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # behind a proxy a direct connect proves nothing: let the hub client try (and report)
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return endpoint_reachable(constants.ENDPOINT, timeout)
 
 
-def hub_documents(path: str, name: str, split: str) -> Iterator[str]:
+def hub_documents(path: str, name: str, split: str, tokenizer: str = "EleutherAI/pythia-70m") -> Iterator[str]:
     import datasets
 
     if not os.environ.get("HF_DATASETS_OFFLINE") and not hub_reachable():
         raise DataUnavailableError(
-            f"cannot reach the Hugging Face hub to load {path} ({name}, split {split}); {LOCAL_HINT}. "
-            "If the dataset is already in your datasets cache, set HF_DATASETS_OFFLINE=1."
+            f"cannot reach the Hugging Face hub to load {path} ({name}, split {split}); {offline_hint(tokenizer)}."
         )
     try:
         rows = datasets.load_dataset(path, name, split=split)
     except Exception as exc:  # offline mode, missing cache, connection errors: all mean "not available here"
-        raise DataUnavailableError(f"could not load {path} ({name}, split {split}): {exc}; {LOCAL_HINT}") from exc
+        raise DataUnavailableError(
+            f"could not load {path} ({name}, split {split}): {exc}; {offline_hint(tokenizer)}"
+        ) from exc
     yield from split_wikitext(rows["text"])
 
 
@@ -145,11 +146,13 @@ def load_tokenizer(spec: str) -> Tokenizer:
         raise DataUnavailableError(f"tokenizer file {spec} does not exist")
     else:
         if not hub_reachable():
-            raise DataUnavailableError(f"cannot reach the Hugging Face hub to fetch tokenizer {spec!r}; {LOCAL_HINT}")
+            raise DataUnavailableError(
+                f"cannot reach the Hugging Face hub to fetch tokenizer {spec!r}; {offline_hint(spec)}"
+            )
         try:
             backend = HFTokenizer.from_pretrained(spec)
         except Exception as exc:
-            raise DataUnavailableError(f"could not fetch tokenizer {spec!r}: {exc}; {LOCAL_HINT}") from exc
+            raise DataUnavailableError(f"could not fetch tokenizer {spec!r}: {exc}; {offline_hint(spec)}") from exc
     eos = backend.token_to_id("<|endoftext|>")
     if eos is None:
         raise DataUnavailableError(f"tokenizer {spec!r} has no <|endoftext|> token to separate documents")
@@ -358,12 +361,14 @@ def build_data(cfg: DataConfig, seed: int) -> TokenData:
 
     hub = dict(source="hf", path=cfg.hf_path, name=cfg.hf_name, tokenizer=tok.fingerprint)
     train = cached_tokens(
-        cache, dict(hub, split="train"), lambda: _tokenize(hub_documents(cfg.hf_path, cfg.hf_name, "train"), tok)
+        cache,
+        dict(hub, split="train"),
+        lambda: _tokenize(hub_documents(cfg.hf_path, cfg.hf_name, "train", cfg.tokenizer), tok),
     )
     valid = cached_tokens(
         cache,
         dict(hub, split="validation"),
-        lambda: _tokenize(hub_documents(cfg.hf_path, cfg.hf_name, "validation"), tok),
+        lambda: _tokenize(hub_documents(cfg.hf_path, cfg.hf_name, "validation", cfg.tokenizer), tok),
     )
     return _wrap(cfg, seed, train.tokens, valid.tokens, f"{cfg.hf_path} ({cfg.hf_name})")
 
