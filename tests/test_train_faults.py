@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from instrumented_adamw.integrity import verify_manifest
-from instrumented_adamw.sinks import KINDS, read_jsonl
+from instrumented_adamw.integrity import check_prefix, file_mark, verify_manifest
+from instrumented_adamw.sinks import KINDS, JsonlSink, read_jsonl
 from train import checkpoint as ckpt
 from train import faults
 from train.config import load_config
@@ -102,6 +102,35 @@ def copy_of(reference: Path, tmp: Path, name: str) -> Path:
     run = tmp / name
     shutil.copytree(reference, run, ignore=shutil.ignore_patterns(".lock"))
     return run
+
+
+# ---------------------------------------------------------------------------------------------- the log files
+def test_jsonl_marks_cut_back_exactly_and_a_torn_line_is_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    sink = JsonlSink(tmp_path)
+    sink.log("metrics", {"loss": 1.0}, 10)
+    marks = sink.marks()
+    sink.log("metrics", {"loss": 2.0}, 20)
+    sink.close()
+    assert marks["metrics"]["bytes"] == len(path.read_bytes().splitlines(keepends=True)[0])
+    assert check_prefix(path, marks["metrics"]) is None and JsonlSink(tmp_path).marks()["metrics"] == file_mark(path)
+    with path.open("ab") as fh:
+        fh.write(b'{"loss": 3.0, "st')  # a kill mid-write
+    resumed = JsonlSink(tmp_path, marks=marks)  # back to the moment of the mark: step 20 and the torn line gone
+    assert [r["step"] for r in read_jsonl(path)] == [10]
+    resumed.log("metrics", {"loss": 2.5}, 20)
+    resumed.close()
+    with path.open("ab") as fh:
+        fh.write(b'{"lo')
+    appended = JsonlSink(tmp_path)  # append mode drops the torn line too, so it is never buried mid-file
+    appended.log("metrics", {"loss": 3.0}, 30)
+    assert [(r["step"], r["loss"]) for r in read_jsonl(path)] == [(10, 1.0), (20, 2.5), (30, 3.0)]
+    assert appended.marks()["metrics"] == file_mark(path)
+    with pytest.raises(ValueError, match="not after the last written step 30"):
+        appended.log("metrics", {"loss": 3.0}, 30)
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="fewer than the"):
+        JsonlSink(tmp_path, marks=marks)
 
 
 # ---------------------------------------------------------------------------------------------- kills

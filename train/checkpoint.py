@@ -194,7 +194,7 @@ def save_resume_sharded(
     directory and commits it like a single-process state."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     rank = dist.get_rank()
     root = run_dir / "resume"
@@ -204,9 +204,13 @@ def save_resume_sharded(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    local: dict[str, Any] = dict(format=STATE_FORMAT, step=step, rng=_rng_state(), extra=extra)
+    has_optim = bool(optimizer.state)
+    if has_optim:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    else:  # step 0: Adam has no state yet, and get_state_dict would create it by taking a step (of lr 0)
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp))
+    local: dict[str, Any] = dict(format=STATE_FORMAT, step=step, rng=_rng_state(), extra=extra, optim=has_optim)
     if rank == 0:
         local.update(config=config, logs=logs)
     torch.save(local, tmp / f"rank{rank}.pt")
@@ -350,22 +354,36 @@ def apply_state(state: ResumeState, model, optimizer) -> None:
     model.load_state_dict(state.weights)
     optimizer.load_state_dict(state.optimizer)
     _set_rng_state(state.rng)
+    state.weights = state.optimizer = None  # copied into the model and optimizer: free the host copies
 
 
 def load_sharded(directory: Path, model, optimizer) -> dict[str, Any]:
     """Every rank: load an FSDP resume state (verified by rank 0) into the sharded model; returns ``extra``."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
     if not (directory / "rank0.pt").is_file():
         raise StateError(f"{directory} holds a single-process state; resume it with the strategy it used")
     rank = dist.get_rank()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(directory))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     local = torch.load(directory / f"rank{rank}.pt", map_location="cpu", weights_only=True)
+    if local["optim"]:
+        # get_state_dict creates the missing Adam state by taking a step of lr 0 (torch's _init_optim_state); the
+        # load overwrites that state, and reading the forces drops the step's (zero) record from the interval.
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        optimizer.read_forces(reset=True)
+    else:  # a step-0 state: the weights only
+        model_sd = get_model_state_dict(model)
+        dcp.load({"model": model_sd}, checkpoint_id=str(directory))
+        set_model_state_dict(model, model_sd)
     _set_rng_state(local["rng"])
     if not all_finite(model.parameters(), distributed=True):
         raise StateError(f"{directory}: the loaded weights hold NaN or Inf values")

@@ -11,6 +11,7 @@ so a resumed run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -107,6 +108,21 @@ def hub_reachable(timeout: float | None = None) -> bool:
     if constants.HF_HUB_OFFLINE:
         return False
     return endpoint_reachable(constants.ENDPOINT, timeout)
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """The hub client in offline mode for the duration: cache lookups only. ``local_files_only`` alone is not
+    enough — the client still makes calls of its own (e.g. fetching its agent registry), which stall for their
+    timeouts on a network that drops packets."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def hub_documents(path: str, name: str, split: str, tokenizer: str = "EleutherAI/pythia-70m") -> Iterator[str]:

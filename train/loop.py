@@ -232,6 +232,17 @@ def train(cfg: Config) -> Path:
 
 def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: int) -> None:
     main = rank == 0
+    # ------------------------------------------------------------------ continue, start fresh or refuse
+    # Rank 0 decides from the verified resume states and what the directory holds; nothing is written before, and a
+    # refusal comes before the data is tokenized.
+    plan, error = None, None
+    if main:
+        try:
+            plan = rundir.plan_start(cfg, run_dir)
+        except rundir.RunDirError as exc:
+            error = exc
+    state_name = _agree(plan.state.directory.name if plan and plan.state else None, error, world)
+
     # ------------------------------------------------------------------ data (rank 0 tokenizes first)
     if main:
         data = build_data(cfg.data, cfg.run.seed)
@@ -261,17 +272,8 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
     for group in opt.param_groups:
         group["initial_lr"] = cfg.optim.lr  # the peak: lr_squared decay scales by lr_t / peak
 
-    # ------------------------------------------------------------------ continue, start fresh or refuse
-    # Rank 0 decides from the verified resume states and what the directory holds; nothing is written before.
-    plan, error = None, None
-    if main:
-        try:
-            plan = rundir.plan_start(cfg, run_dir)
-        except rundir.RunDirError as exc:
-            error = exc
-    state_name = _agree(plan.state.directory.name if plan and plan.state else None, error, world)
     start, extra = 0, {}
-    if state_name is not None:
+    if state_name is not None:  # the decided state into the model, optimizer and RNG
         state_dir = run_dir / "resume" / state_name
         if fsdp:
             extra = ckpt.load_sharded(state_dir, model, opt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def load_pretrained(name: str, revision: str | None) -> transformers.PreTrainedM
     tried, instead of the hub client's ~30 s of retries before the same failure."""
     from huggingface_hub import constants
 
-    from .data import hub_reachable
+    from .data import hub_offline, hub_reachable
 
     kwargs = dict(revision=revision, attn_implementation="sdpa", **_dtype_kwarg())
     path = Path(os.path.expanduser(name))
@@ -79,7 +80,8 @@ def load_pretrained(name: str, revision: str | None) -> transformers.PreTrainedM
         return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)  # a broken directory raises as is
     online = hub_reachable()
     try:
-        return transformers.AutoModelForCausalLM.from_pretrained(name, local_files_only=not online, **kwargs)
+        with contextlib.nullcontext() if online else hub_offline():
+            return transformers.AutoModelForCausalLM.from_pretrained(name, local_files_only=not online, **kwargs)
     except OSError as exc:
         rev = revision or "main"
         why = (
