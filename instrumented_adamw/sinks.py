@@ -67,7 +67,7 @@ class JsonlSink:
     was saved) cuts each file back to exactly the bytes it had then: exact without parsing, and checkable first with
     :func:`instrumented_adamw.integrity.check_prefix` (the trainer's way). Either way a torn last line (a kill
     mid-write) is dropped, so the resumed run writes each step exactly once and leaves no gap; a step not after the
-    last one written raises instead of duplicating it. A fresh start needs files that are absent or empty.
+    last one written raises instead of duplicating it. Without either, records are appended after the files' last.
     """
 
     def __init__(

@@ -160,13 +160,15 @@ def fault_events() -> list[tuple[str, int]]:
     return events
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", range(5))
 def test_seeded_kills_anywhere_then_rerun_equals_uninterrupted(reference, tmp, seed, capsys):
     rng = random.Random(seed)
-    events = fault_events()
-    first = rng.choice(events)
-    later = [e for e in events if e[1] > first[1]]
-    chain = [first] + ([rng.choice(later)] if later else [])
+    events, chain = fault_events(), []
+    while len(chain) < 3:  # up to three kills, each at a later step than the one before
+        later = [e for e in events if not chain or e[1] > chain[-1][1]]
+        if not later:
+            break
+        chain.append(rng.choice(later))
     name = f"kills{seed}"
     for point, step in chain:  # each launch continues what the previous kill left, and is killed again
         kill_at(tmp, name, point, step)
@@ -363,6 +365,22 @@ def test_changed_config_is_refused_with_a_diff_or_recorded_with_its_step(referen
     assert load_config(run / "config.yaml").schedule.total_steps == 50
     launch(tmp, run.name, "schedule.total_steps=50")  # the run's config is now the longer one: no diff
     assert "resumed from step 50 of 50" in capsys.readouterr().err
+
+
+def test_damaged_config_changes_log_falls_back_and_records_the_change_once(reference, tmp, capsys):
+    run = copy_of(reference, tmp, "changes-damaged")
+    longer = ("schedule.total_steps=50", "run.allow_config_change=true")
+    launch(tmp, run.name, *longer)
+    before = {kind: records(run, kind) for kind in KINDS}
+    changes = read_jsonl(run / "config_changes.jsonl")
+    damage(run / "config_changes.jsonl", "flip", at=3)
+    launch(tmp, run.name, *longer)
+    err = capsys.readouterr().err
+    assert "skipped resume/step_000050: config_changes.jsonl differs" in err and "resumed from step 40 of 50" in err
+    assert [{k: v for k, v in c.items() if k != "time"} for c in read_jsonl(run / "config_changes.jsonl")] == [
+        {k: v for k, v in c.items() if k != "time"} for c in changes
+    ]
+    assert {kind: records(run, kind) for kind in KINDS} == before
 
 
 def test_second_launch_is_refused_naming_the_holder(tmp):

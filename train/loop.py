@@ -346,8 +346,8 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
         if main:
             logs = {f"{k}.jsonl": m for k, m in jsonl.marks().items()}
             logs["config_changes.jsonl"] = file_mark(run_dir / "config_changes.jsonl")
-        extra = {"monitor": monitor.state_dict(), "nonfinite": watch.state_dict()}
-        kwargs = dict(config=config, logs=logs, extra=extra, keep=kept["name"])
+        carry = {"monitor": monitor.state_dict(), "nonfinite": watch.state_dict()}
+        kwargs = dict(config=config, logs=logs, extra=carry, keep=kept["name"])
         if fsdp:
             kept["name"] = ckpt.save_resume_sharded(run_dir, done, model, opt, **kwargs)
         elif main:

@@ -153,6 +153,10 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _significant(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in _flatten(tree).items() if k not in RESUME_FREE_FIELDS}
+
+
 def plain_config(cfg: Config) -> dict[str, Any]:
     """The config as plain YAML/JSON values (lists for tuples): what resume states store."""
     return json.loads(json.dumps(cfg.to_dict()))
@@ -264,18 +268,25 @@ def prepare(plan: StartPlan, cfg: Config, run_dir: Path) -> dict[str, dict[str, 
         for sub in ("checkpoints", "resume"):
             root = run_dir / sub
             for path in sorted(root.iterdir()) if root.is_dir() else []:
-                s = ckpt.dir_step(path)
-                if path.name.endswith(".tmp") or (sub == "checkpoints" and s is not None and s > step):
-                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                later = sub == "checkpoints" and (ckpt.dir_step(path) or 0) > step
+                if not (path.name.endswith(".tmp") or later):
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         for snap in sorted((run_dir / "checkpoints").glob("step_*")):
             problems = verify_manifest(snap, full=False)  # sizes only: hashing every snapshot would be slow
             if problems:
-                plan.notes.append(f"checkpoints/{snap.name} is damaged ({'; '.join(problems)}); analyses skip it")
-        old_yaml = run_dir / "config.yaml"
+                plan.notes.append(
+                    f"checkpoints/{snap.name} is damaged ({'; '.join(problems)}): the run is past it, so it cannot be "
+                    "rewritten; analyses that load it refuse it"
+                )
         try:
-            if yaml.safe_load(old_yaml.read_text()) != plan.state.config and not plan.config_change:
+            written = yaml.safe_load((run_dir / "config.yaml").read_text())
+            if not plan.config_change and _significant(written) != _significant(plan.state.config):
                 plan.notes.append("config.yaml differed from the run's config (edited or damaged): rewritten")
-        except (OSError, ValueError, yaml.YAMLError):
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
             plan.notes.append("config.yaml was missing or unreadable: rewritten")
         if plan.config_change:
             record = dict(step=step, time=time.time(), changes={k: dict(old=o, new=n) for k, (o, n) in
