@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from instrumented_adamw.integrity import write_durably
 from instrumented_adamw.netcheck import endpoint_reachable
 
 from .config import DataConfig
@@ -215,12 +216,16 @@ def _file_spec(files: list[Path]) -> list:
 
 
 def cached_tokens(cache_dir: Path, spec: dict, produce) -> TokenFile:
-    """The token file for ``spec``; ``produce()`` (an iterable of uint16 arrays) runs only if it is not cached."""
+    """The token file for ``spec``; ``produce()`` (an iterable of uint16 arrays) runs only if it is not cached.
+
+    The metadata file is written last and names the token count, so a cache entry is used only when both files
+    are complete and agree; anything else (a kill or power loss mid-write) is rebuilt, never served."""
     spec = dict(spec, version=CACHE_VERSION)
     key = _cache_key(spec)
     cache_dir.mkdir(parents=True, exist_ok=True)
     path, meta_path = cache_dir / f"{key}.bin", cache_dir / f"{key}.json"
-    if not (path.is_file() and meta_path.is_file()):
+    meta = _cache_meta(path, meta_path)
+    if meta is None:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         n = 0
         with tmp.open("wb") as fh:
@@ -230,13 +235,26 @@ def cached_tokens(cache_dir: Path, spec: dict, produce) -> TokenFile:
                     raise ValueError(f"token id {int(arr.max())} does not fit the uint16 cache")
                 fh.write(arr.astype(np.uint16).tobytes())
                 n += arr.size
+            fh.flush()
+            os.fsync(fh.fileno())
         if n < 2:
             tmp.unlink()
             raise DataUnavailableError(f"the data source {spec['source']} produced no tokens")
         os.replace(tmp, path)
-        meta_path.write_text(json.dumps(dict(spec=spec, n_tokens=n), indent=1))
-    meta = json.loads(meta_path.read_text())
+        meta = dict(spec=spec, n_tokens=n)
+        write_durably(meta_path, json.dumps(meta, indent=1).encode())
     return TokenFile(path, np.memmap(path, dtype=np.uint16, mode="r"), meta)
+
+
+def _cache_meta(path: Path, meta_path: Path) -> dict | None:
+    """The metadata of a complete cache entry, or ``None`` when it is missing, unreadable or disagrees with the
+    token file's size."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        complete = path.stat().st_size == 2 * int(meta["n_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if complete else None
 
 
 def _tokenize(docs: Iterable[str], tok: Tokenizer, batch: int = 64) -> Iterator[np.ndarray]:
