@@ -267,6 +267,16 @@ def test_pointer_outside_the_run_directory_is_not_followed(reference, tmp, capsy
     launch(tmp, run.name)
     assert "which is not a resume state directory" in capsys.readouterr().err
     assert_same_run(run, reference)
+    # A state directory that is a symlink to elsewhere is not one of the run's states either.
+    linked = copy_of(reference, tmp, "escape-link")
+    shutil.rmtree(linked / "resume" / "step_000040")
+    (linked / "resume" / "step_000040").symlink_to(outside, target_is_directory=True)
+    launch(tmp, linked.name)
+    err = capsys.readouterr().err
+    assert "resume/latest.json points outside resume/" in err and "resumed from step 30 of 40" in err
+    assert outside.is_dir() and (linked / "resume" / "step_000040").is_dir()
+    assert not (linked / "resume" / "step_000040").is_symlink()  # rewritten in place by the resumed run
+    assert_same_run(linked, reference)
 
 
 @pytest.mark.parametrize("how", ["cut", "flip"])

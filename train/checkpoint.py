@@ -75,9 +75,16 @@ def _make_dir(path: Path) -> None:
         fsync_dir(p.parent)
 
 
+def remove(path: Path) -> None:
+    """Delete a file, a symlink (not what it points to) or a directory tree, if there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
 def _rename_into_place(tmp: Path, final: Path) -> None:
-    if final.exists():  # only a leftover that verification rejected (a good one at this step is never rewritten)
-        shutil.rmtree(final)
+    remove(final)  # only a leftover that verification rejected (a good one at this step is never rewritten)
     os.replace(tmp, final)
     fsync_dir(final.parent)
 
@@ -90,7 +97,7 @@ def save_snapshot(run_dir: Path, step: int, model, optimizer=None, state_dict=No
     final = snapshot_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     _make_dir(final.parent)
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove(tmp)
     # save_pretrained writes the HF layout (config.json, model.safetensors, its key naming) in either case.
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if optimizer is not None:
@@ -150,7 +157,7 @@ def save_resume(
     root = run_dir / "resume"
     _make_dir(root)
     tmp = root / (step_name(step) + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove(tmp)
     tmp.mkdir()
     # Tensors that share storage (tied embeddings) are saved once per name: clone to plain contiguous tensors.
     save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
@@ -168,12 +175,8 @@ def _commit(root: Path, tmp: Path, step: int, keep: str | None, sharded: bool) -
     write_durably(root / POINTER, json.dumps(dict(step=step, dir=final.name, sharded=sharded)).encode())
     fault_point("resume.pointer", step)
     for old in root.iterdir():
-        if old.name in (final.name, keep, POINTER):
-            continue
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        if old.name not in (final.name, keep, POINTER):
+            remove(old)
     fsync_dir(root)
     return final.name
 
@@ -201,7 +204,7 @@ def save_resume_sharded(
     tmp = root / (step_name(step) + ".tmp")
     if rank == 0:
         _make_dir(root)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         tmp.mkdir()
     dist.barrier()
     has_optim = bool(optimizer.state)
@@ -253,11 +256,13 @@ def latest_resume_step(run_dir: Path) -> int | None:
 
 
 def state_dirs(run_dir: Path) -> list[Path]:
-    """Complete-looking resume state directories, newest first (``.tmp`` ones are unfinished writes)."""
+    """Complete-looking resume state directories, newest first (``.tmp`` ones are unfinished writes; a symlink to a
+    directory elsewhere is not one of this run's states)."""
     root = run_dir / "resume"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and dir_step(p) is not None]
+    inside = root.resolve()
+    found = [p for p in root.iterdir() if p.is_dir() and dir_step(p) is not None and p.resolve().parent == inside]
     return sorted(found, key=lambda p: -dir_step(p))
 
 
@@ -293,21 +298,19 @@ def read_state(directory: Path, verify: bool = True, device: str = "cpu") -> Res
     step = dir_step(directory)
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or meta.get("step") != step:
         raise ValueError(f"{meta_file.name} is not a format-{STATE_FORMAT} resume state of step {step}")
-    state = ResumeState(
-        step=step,
-        directory=directory,
-        sharded=sharded,
-        config=meta["config"],
-        logs=meta["logs"],
-        extra=meta["extra"],
-        rng=meta["rng"],
-    )
+    try:
+        state = ResumeState(step=step, directory=directory, sharded=sharded, config=dict(meta["config"]),
+                            logs=dict(meta["logs"]), extra=dict(meta["extra"]), rng=dict(meta["rng"]))  # fmt: skip
+        if not sharded:
+            state.optimizer = dict(meta["optimizer"])
+            state.optimizer["state"], state.optimizer["param_groups"]  # noqa: B018 - both must be there
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{meta_file.name} lacks part of a resume state ({type(exc).__name__}: {exc})") from None
     if not sharded:
         try:
             state.weights = load_file(directory / "model.safetensors", device=device)
         except Exception as exc:
             raise ValueError(f"model.safetensors cannot be loaded ({type(exc).__name__}: {exc})") from None
-        state.optimizer = meta["optimizer"]
         bad = _nonfinite(state.weights) or _nonfinite(state.optimizer["state"], "optimizer state ")
         if bad is not None:
             raise ValueError(f"{bad} holds NaN or Inf values")

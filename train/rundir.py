@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import socket
 import sys
 import time
@@ -133,11 +132,7 @@ def survey(run_dir: Path) -> Survey:
 
 def clear_outputs(run_dir: Path, names: list[str]) -> None:
     for name in names:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        ckpt.remove(run_dir / name)
     fsync_dir(run_dir)
 
 
@@ -269,12 +264,8 @@ def prepare(plan: StartPlan, cfg: Config, run_dir: Path) -> dict[str, dict[str, 
             root = run_dir / sub
             for path in sorted(root.iterdir()) if root.is_dir() else []:
                 later = sub == "checkpoints" and (ckpt.dir_step(path) or 0) > step
-                if not (path.name.endswith(".tmp") or later):
-                    continue
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
+                if path.name.endswith(".tmp") or later:
+                    ckpt.remove(path)
         for snap in sorted((run_dir / "checkpoints").glob("step_*")):
             problems = verify_manifest(snap, full=False)  # sizes only: hashing every snapshot would be slow
             if problems:
