@@ -264,6 +264,20 @@ def recover_alignment(
 SPLINE_METHODS = ("spline", "lr_time", "two_point")
 
 
+def _load_snapshot(path: Path, device: str | torch.device) -> dict[str, Tensor]:
+    """Weights of a snapshot, verified against its ``manifest.json`` (sizes and SHA-256, written by the trainer)
+    when it has one: a damaged checkpoint raises instead of feeding the analysis wrong numbers."""
+    from .integrity import MANIFEST, verify_manifest
+
+    load_file = require("safetensors.torch", "reading checkpoints").load_file
+
+    if (path.parent / MANIFEST).is_file():
+        problems = verify_manifest(path.parent)
+        if problems:
+            raise ValueError(f"{path.parent} is damaged: {'; '.join(problems)}")
+    return load_file(str(path), device=str(device))
+
+
 def _checkpoint_steps(run_dir: Path) -> dict[int, Path]:
     out = {}
     for d in sorted((run_dir / "checkpoints").glob("step_*")):
@@ -285,7 +299,6 @@ def validate_spline(
     Returns, per spacing and method, the median, interquartile range and fraction within ±10% of
     recovered/true over all (tensor, step) pairs of ``cls``.
     """
-    load_file = require("safetensors.torch", "spline recovery from checkpoints").load_file
     run = run if isinstance(run, RunLog) else load_run(run)
     ckpts = _checkpoint_steps(run.path)
     truth: dict[tuple[str, int], float] = {}
@@ -311,7 +324,7 @@ def validate_spline(
             continue
         for s in knots:
             if s not in loaded:
-                loaded[s] = load_file(str(ckpts[s]), device=str(device))
+                loaded[s] = _load_snapshot(ckpts[s], device)
         ratios: dict[str, list[float]] = {m: [] for m in methods}
         for name in names:
             key = _state_key(name, loaded[knots[0]])

@@ -55,6 +55,7 @@ METRIC_KEYS = (
     "rms_eq",
     "rms_eq_indep",
     "t_over_tau",
+    "nonfinite_steps",
 )
 
 

@@ -9,6 +9,7 @@ never takes training down with it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -16,6 +17,9 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
+
+from . import netcheck
+from .integrity import fsync_dir, truncate_durably, write_durably
 
 KINDS = ("metrics", "forces", "weibull")
 
@@ -58,26 +62,62 @@ def _finite(obj):
 class JsonlSink:
     """Append-only ``<kind>.jsonl`` files in ``directory``, one object per line, flushed and fsync'd per record.
 
-    Resume-safe: ``resume_step`` (the step the run continues from; 0 for a fresh start) first drops every record
-    with a later step — written after the checkpoint the run resumes from — so the resumed run writes each step
-    exactly once and leaves no gap. A step not after the last one written raises instead of duplicating it.
+    Resume-safe in two ways. ``resume_step=S`` drops every record with a step after ``S`` (written after the
+    checkpoint the run continues from), parsing the files. ``marks`` (what :meth:`marks` returned when that checkpoint
+    was saved) cuts each file back to exactly the bytes it had then: exact without parsing, and checkable first with
+    :func:`instrumented_adamw.integrity.check_prefix` (the trainer's way). Either way a torn last line (a kill
+    mid-write) is dropped, so the resumed run writes each step exactly once and leaves no gap; a step not after the
+    last one written raises instead of duplicating it. Without either, records are appended after the files' last.
     """
 
-    def __init__(self, directory: str | os.PathLike, resume_step: int | None = None, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        resume_step: int | None = None,
+        fsync: bool = True,
+        *,
+        marks: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        if resume_step is not None and marks is not None:
+            raise ValueError("pass resume_step or marks, not both")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._fsync = fsync
         self._files: dict[str, Any] = {}
         self._last: dict[str, int] = {}
+        self._size: dict[str, int] = {}
+        self._digest: dict[str, Any] = {}
         for kind in KINDS:
             path = self.path(kind)
-            if resume_step is not None and path.exists():
-                self._last[kind] = truncate_jsonl(path, resume_step)
+            if marks is not None:
+                want = int(marks.get(kind, {}).get("bytes", 0))
+                size = path.stat().st_size if path.exists() else 0
+                if size < want:
+                    raise ValueError(f"{path} has {size} bytes, fewer than the {want} of the checkpoint's mark")
+                if path.exists():
+                    truncate_durably(path, want)
+                    _drop_torn_tail(path)  # a no-op after a mark; not when the file was shorter than it
+            elif resume_step is not None and path.exists():
+                truncate_jsonl(path, resume_step)
             elif path.exists():
-                self._last[kind] = max((r["step"] for r in read_jsonl(path)), default=-1)
+                _drop_torn_tail(path)
+            self._digest[kind] = hashlib.sha256()
+            self._size[kind] = 0
+            self._last[kind] = -1
+            if path.exists():
+                with path.open("rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        self._digest[kind].update(chunk)
+                        self._size[kind] += len(chunk)
+                self._last[kind] = _last_step(path)
 
     def path(self, kind: str) -> Path:
         return self.directory / f"{kind}.jsonl"
+
+    def marks(self) -> dict[str, dict[str, Any]]:
+        """Per kind, the length and SHA-256 of what the file holds now: saved with a checkpoint, it lets a resumed
+        run check that the logs are still the ones written and cut them back to that moment exactly."""
+        return {kind: dict(bytes=self._size[kind], sha256=self._digest[kind].hexdigest()) for kind in KINDS}
 
     def log(self, kind: str, record: dict[str, Any], step: int) -> None:
         if kind not in KINDS:
@@ -87,12 +127,18 @@ class JsonlSink:
             raise ValueError(f"{self.path(kind)}: step {step} is not after the last written step {last}")
         fh = self._files.get(kind)
         if fh is None:
-            fh = self._files[kind] = self.path(kind).open("a", encoding="utf-8")
+            created = not self.path(kind).exists()
+            fh = self._files[kind] = self.path(kind).open("ab")
+            if created and self._fsync:
+                fsync_dir(self.directory)  # the new file's name must survive a power loss too
         line = json.dumps(_finite(dict(record, step=step)), default=_json_default, allow_nan=False)
-        fh.write(line + "\n")
+        data = (line + "\n").encode("utf-8")
+        fh.write(data)
         fh.flush()
         if self._fsync:
             os.fsync(fh.fileno())
+        self._digest[kind].update(data)
+        self._size[kind] += len(data)
         self._last[kind] = step
 
     def close(self) -> None:
@@ -103,14 +149,14 @@ class JsonlSink:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Records of a JSONL file; a torn last line (a kill mid-write) is ignored, any other bad line raises."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = Path(path).read_bytes().splitlines()
     out = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            out.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             if i == len(lines) - 1:
                 break
             raise ValueError(f"{path}:{i + 1}: not a JSON object") from None
@@ -118,12 +164,58 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def truncate_jsonl(path: Path, step: int) -> int:
-    """Keep the records with ``step`` ≤ ``step`` (atomically rewritten); returns the last step kept (−1: none)."""
+    """Keep the records with ``step`` ≤ ``step`` (atomically and durably rewritten); returns the last step kept
+    (−1: none)."""
     kept = [r for r in read_jsonl(path) if r["step"] <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_durably(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept).encode("utf-8"))
     return max((r["step"] for r in kept), default=-1)
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut an unterminated last line (a kill mid-write): appending after it would bury it mid-file."""
+    size = path.stat().st_size
+    if size == 0:
+        return
+    with path.open("rb") as fh:
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return
+    end = _line_start(path, size)
+    truncate_durably(path, end)
+
+
+def _line_start(path: Path, end: int) -> int:
+    """Offset just after the last newline before ``end`` (0 if there is none)."""
+    with path.open("rb") as fh:
+        pos = end
+        while pos > 0:
+            start = max(0, pos - (1 << 16))
+            fh.seek(start)
+            chunk = fh.read(pos - start)
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                return start + cut + 1
+            pos = start
+    return 0
+
+
+def _last_step(path: Path) -> int:
+    """Step of the file's last record (−1 for an empty file); reads only the last line."""
+    size = path.stat().st_size
+    if size == 0:
+        return -1
+    start = _line_start(path, size - 1)
+    with path.open("rb") as fh:
+        fh.seek(start)
+        line = fh.read(size - start)
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path}: the last line is not a record with a step") from None
+
+
+#: wandb modes that need no server (``dryrun`` is wandb's old name for offline).
+_WANDB_LOCAL_MODES = ("offline", "dryrun", "disabled")
 
 
 class WandbSink:
@@ -132,8 +224,9 @@ class WandbSink:
     periodic while the aggregates stream live); per-block Weibull fits as a table with each fit.
 
     ``wandb.init`` runs here, so a requested wandb that cannot start (not installed, not logged in, bad mode)
-    fails at start-up. Offline mode (``mode="offline"`` or ``WANDB_MODE=offline``) writes a local run file that
-    ``wandb sync`` uploads later.
+    fails at start-up. In online mode the server (``WANDB_BASE_URL``, default ``https://api.wandb.ai``) is probed
+    first: unreachable, it fails within seconds instead of after wandb's minutes of retries. Offline mode
+    (``mode="offline"`` or ``WANDB_MODE=offline``) writes a local run file that ``wandb sync`` uploads later.
     """
 
     def __init__(
@@ -154,6 +247,16 @@ class WandbSink:
         except ImportError as exc:
             raise RuntimeError("wandb logging was requested but wandb is not installed: pip install wandb") from exc
         self._wandb = wandb
+        effective = mode or os.environ.get("WANDB_MODE") or "online"
+        server = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+        if effective not in _WANDB_LOCAL_MODES and not netcheck.endpoint_reachable(server):
+            where = f"{directory}/wandb" if directory is not None else "the wandb directory"
+            raise RuntimeError(
+                f"wandb logging was requested in {effective} mode but the wandb server {server} does not answer "
+                f"(no connection within {netcheck.PROBE_TIMEOUT_S:g} s). Log offline instead: "
+                f"logging.wandb_mode=offline (WANDB_MODE=offline), then `wandb sync {where}` on a machine with "
+                "network; or logging.wandb=false."
+            )
         try:
             self.run = wandb.init(
                 project=project,

@@ -94,7 +94,7 @@ def test_tensorboard_events_are_readable(run):
 def test_requested_but_broken_sinks_raise_at_start_up(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    with pytest.raises(RuntimeError, match="wandb.init failed"):
+    with pytest.raises(RuntimeError, match="logging.wandb_mode=offline"):  # unreachable server or no login
         WandbSink("p", directory=tmp_path, mode="online")
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

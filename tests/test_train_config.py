@@ -53,6 +53,18 @@ def test_base_chain_and_paper_recipes():
         ("nosection.x=1", r"unknown key\(s\) \['nosection'\] in the top level"),
         ("optim.lr", "not of the form"),
         ("logging.log_every=7", "resume_every=100 must be a multiple of logging.log_every=7"),
+        ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),
+        ("optim.eps=.inf", "optim.eps must be a finite number"),
+        ("model.init_std=.inf", "model.init_std must be a finite number"),
+        ("optim.weight_decay=.nan", "optim.weight_decay must be a finite number, got nan"),
+        ("schedule.total_steps=.inf", "schedule.total_steps must be a finite integer"),
+        ("schedule.total_steps=.nan", "schedule.total_steps must be a finite integer"),
+        ("run.device=tpu", "run.device must be one of auto, cpu, cuda, cuda:N, mps; got 'tpu'"),
+        ("run.device=cuda:x", "run.device must be one of"),
+        ("data.max_train_tokens=-5", r"data.max_train_tokens must be null \(all\) or at least one sequence"),
+        ("model.num_kv_heads=2", "model.num_kv_heads is used by arch=llama only"),
+        ("run.max_nonfinite_steps=0", "run.max_nonfinite_steps must be > 0"),
+        ("run.seed=-1", r"run.seed must be in \[0, 2\*\*63\)"),
     ],
 )
 def test_validation_errors_name_the_field(override, message):
@@ -84,3 +96,16 @@ def test_schedule_table_of_the_paper_recipe():
     assert table[25_000] == pytest.approx(1e-4)  # past the end: the floor
     with pytest.raises(ValueError):
         lr_at(-1, 1e-3, s)
+
+
+def test_llama_kv_heads_must_divide_the_heads():
+    with pytest.raises(ConfigError, match=r"model.num_kv_heads must be a positive divisor of model.num_heads=8"):
+        load_config(CONFIGS / "llama70m_wikitext103.yaml", ["model.num_kv_heads=-1"])
+    with pytest.raises(ConfigError, match=r"got 3"):
+        load_config(CONFIGS / "llama70m_wikitext103.yaml", ["model.num_kv_heads=3"])
+    assert load_config(CONFIGS / "llama70m_wikitext103.yaml", ["model.num_kv_heads=2"]).model.num_kv_heads == 2
+
+
+def test_documented_device_values_are_accepted():
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:3", "mps"):
+        assert load_config(CONFIGS / "demo.yaml", [f"run.device={device}"]).run.device == device

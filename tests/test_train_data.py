@@ -165,3 +165,24 @@ def test_pretokenized_export_trains_on_the_same_batches(corpus, tmp_path):
     (tmp_path / "odd.bin").write_bytes(b"abc")
     with pytest.raises(D.DataUnavailableError, match="not a uint16 token file"):
         D.build_data(DataConfig(source="tokens", train_files=[str(tmp_path / "odd.bin")]), seed=1)
+
+
+def test_a_cache_entry_cut_short_by_a_kill_is_rebuilt_not_served(tmp_path):
+    calls = []
+
+    def produce():
+        calls.append(1)
+        return [np.arange(1000, dtype=np.uint16)]
+
+    spec = dict(source="test")
+    first = D.cached_tokens(tmp_path, spec, produce)
+    meta, data = next(tmp_path.glob("*.json")), first.path
+    for damage in (lambda: meta.write_text('{"spec": {"source"'),  # metadata half-written
+                   lambda: data.write_bytes(data.read_bytes()[:500]),  # tokens cut short (a power loss)
+                   lambda: meta.unlink()):  # fmt: skip
+        damage()
+        again = D.cached_tokens(tmp_path, spec, produce)
+        assert np.array_equal(again.tokens, np.arange(1000)) and again.meta["n_tokens"] == 1000
+    assert len(calls) == 4  # built once, then rebuilt after each damage
+    D.cached_tokens(tmp_path, spec, produce)
+    assert len(calls) == 4  # an intact entry is reused

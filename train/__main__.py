@@ -10,6 +10,9 @@ from .config import ConfigError, load_config
 from .data import DataUnavailableError
 from .models import PretrainedUnavailableError
 
+#: Exit status when the run stopped on NaN/Inf (2: it could not start as asked).
+EXIT_NONFINITE = 3
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
@@ -21,13 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from .loop import summary_line, train
+    from .checkpoint import StateError
+    from .loop import DeviceUnavailableError, NonFiniteError, summary_line, train
+    from .rundir import RunDirError
 
     try:
         run_dir = train(cfg)
-    except (DataUnavailableError, PretrainedUnavailableError) as exc:
+    except (DataUnavailableError, PretrainedUnavailableError, DeviceUnavailableError, RunDirError, StateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary_line(run_dir))
         print(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, forces.jsonl, weibull.jsonl, checkpoints/)")

@@ -7,6 +7,8 @@ and what would be valid. The resolved tree is written into the run directory as 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,15 +43,22 @@ class ModelConfig:
 
     def validate(self) -> None:
         _choice("model.arch", self.arch, ("gpt_neox", "llama"))
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_position_embeddings"):  # fmt: skip
             _positive(f"model.{name}", getattr(self, name))
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"model.hidden_size={self.hidden_size} is not a multiple of model.num_heads")
-        kv = self.num_kv_heads or self.num_heads
-        if self.num_heads % kv:
-            raise ConfigError(f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads={kv}")
+        if self.num_kv_heads is not None:
+            if self.arch != "llama":
+                raise ConfigError(f"model.num_kv_heads is used by arch=llama only (arch={self.arch}); set it to null")
+            if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+                raise ConfigError(
+                    f"model.num_kv_heads must be a positive divisor of model.num_heads={self.num_heads} "
+                    f"(or null for num_heads), got {self.num_kv_heads}"
+                )
         if not 0.0 < self.rotary_pct <= 1.0:
             raise ConfigError(f"model.rotary_pct must be in (0, 1], got {self.rotary_pct}")
+        _positive("model.rope_theta", self.rope_theta)
         _positive("model.init_std", self.init_std)
 
 
@@ -86,6 +95,14 @@ class DataConfig:
             raise ConfigError(f"data.valid_fraction must be in (0, 0.5), got {self.valid_fraction}")
         if self.synthetic_vocab < 4 or self.synthetic_vocab > 65535:
             raise ConfigError(f"data.synthetic_vocab must be in [4, 65535], got {self.synthetic_vocab}")
+        _positive("data.synthetic_tokens", self.synthetic_tokens)
+        if self.max_train_tokens is not None and self.max_train_tokens < self.seq_len + 1:
+            raise ConfigError(
+                f"data.max_train_tokens must be null (all) or at least one sequence, data.seq_len + 1 = "
+                f"{self.seq_len + 1}, got {self.max_train_tokens}"
+            )
+        if not self.cache_dir:
+            raise ConfigError("data.cache_dir must be a directory path, got an empty string")
 
 
 @dataclass
@@ -175,17 +192,42 @@ class DistributedConfig:
         _choice("distributed.strategy", self.strategy, ("none", "ddp", "fsdp"))
 
 
+#: ``run.device`` values: ``auto`` (this process's GPU if there is one, else the CPU), ``cpu``, ``cuda`` (this
+#: process's GPU: ``cuda:LOCAL_RANK``), ``cuda:N``, ``mps`` (Apple GPUs).
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 1
     out_dir: str = "runs"
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     resume: bool = True  # continue from run_dir/resume if it exists
+    overwrite: bool = False  # discard what the run directory holds and start over (once: not in a rerun command)
+    allow_config_change: bool = False  # resume although the config differs from the run's (recorded with the step)
+    accept_damaged_logs: bool = False  # resume although a log differs from what its resume state recorded
+    max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss
 
     def validate(self) -> None:
-        if not self.name or "/" in self.name:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigError(f"run.name must be a non-empty name without '/', got {self.name!r}")
+        if not self.out_dir:
+            raise ConfigError("run.out_dir must be a directory path, got an empty string")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"run.seed must be in [0, 2**63), got {self.seed}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(f"run.device must be one of auto, cpu, cuda, cuda:N, mps; got {self.device!r}")
+        _positive("run.max_nonfinite_steps", self.max_nonfinite_steps)
+
+
+#: Fields that may differ between the launches of one run without changing what it computes: how it is launched,
+#: watched and where its caches are. Any other difference on resume is refused unless run.allow_config_change.
+RESUME_FREE_FIELDS = frozenset(
+    {"run.name", "run.out_dir", "run.device", "run.resume", "run.overwrite", "run.allow_config_change",
+     "run.accept_damaged_logs", "run.max_nonfinite_steps", "logging.progress", "logging.report", "logging.wandb",
+     "logging.wandb_project", "logging.wandb_mode", "logging.tensorboard", "data.cache_dir", "distributed.backend"}
+)  # fmt: skip
 
 
 @dataclass
@@ -317,6 +359,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             number = float(value) if isinstance(value, str) else value
         except ValueError:
             raise ConfigError(f"{path} must be an integer, got {value!r}") from None
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ConfigError(f"{path} must be a finite integer, got {value!r}")
         if number != int(number):
             raise ConfigError(f"{path} must be an integer, got {value!r}")
         return int(number)
@@ -324,9 +368,12 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{path} must be a number, got {value!r}")
         try:
-            return float(value)  # YAML reads 3e-3 as a string: accept it as a number here
+            number = float(value)  # YAML reads 3e-3 as a string: accept it as a number here
         except (TypeError, ValueError):
             raise ConfigError(f"{path} must be a number, got {value!r}") from None
+        if not math.isfinite(number):  # no field means anything at inf or nan; null is the "off" value
+            raise ConfigError(f"{path} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path} must be a string, got {value!r}")
@@ -345,7 +392,10 @@ def _positive(path: str, value: float) -> None:
 
 
 def dump_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+    """Write the resolved config as YAML (atomically and durably: a kill never leaves half a config.yaml)."""
+    from instrumented_adamw.integrity import write_durably
+
+    write_durably(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False).encode())
 
 
 def _plain(obj: Any) -> Any:

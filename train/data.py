@@ -11,19 +11,21 @@ so a resumed run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import re
-import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
+
+from instrumented_adamw.integrity import write_durably
+from instrumented_adamw.netcheck import endpoint_reachable
 
 from .config import DataConfig
 
@@ -39,11 +41,17 @@ class DataUnavailableError(RuntimeError):
     """The requested data or tokenizer cannot be loaded here; the message names the local alternative."""
 
 
-LOCAL_HINT = (
-    "use the local path instead: data.source=local data.train_files=[DIR/train/*.txt] "
-    "data.valid_files=[DIR/valid/*] data.tokenizer=DIR/tokenizer/20B_tokenizer.json "
-    "(e.g. DIR=../shared/data/lmcorpus)"
-)
+def offline_hint(tokenizer: str) -> str:
+    """What to do without the hub: things a user can actually fetch on a machine that has network."""
+    tok = f"`hf download {tokenizer} tokenizer.json --local-dir TOK`" if "/" in tokenizer else "its tokenizer.json"
+    return (
+        "train without the hub instead: on a machine with network, pre-tokenize the data once "
+        "(`python -m train.pretokenize CONFIG OUT`), copy OUT here and set data.source=tokens "
+        "data.train_files=[OUT/train.bin] data.valid_files=[OUT/valid.bin]; or train on your own text files with "
+        f"data.source=local data.train_files=[...] data.tokenizer=TOK/tokenizer.json (fetched there with {tok}). "
+        "With the dataset and tokenizer already in this machine's Hugging Face cache, set HF_HUB_OFFLINE=1 and "
+        "HF_DATASETS_OFFLINE=1"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- documents
@@ -91,36 +99,46 @@ def local_documents(files: list[Path]) -> Iterator[str]:
             raise DataUnavailableError(f"{f}: unsupported file type {f.suffix!r} (use .txt, .raw, .tokens, .parquet)")
 
 
-def hub_reachable(timeout: float = 5.0) -> bool:
-    """Whether the Hugging Face endpoint answers a TCP connect within ``timeout`` (no 20 s retry loops).
-
-    Offline mode answers no at once; with a proxy configured the probe is skipped (the client goes through it)."""
+def hub_reachable(timeout: float | None = None) -> bool:
+    """Whether the Hugging Face endpoint answers a TCP connect within ``timeout`` seconds (default
+    :data:`instrumented_adamw.netcheck.PROBE_TIMEOUT_S`), instead of the hub client's retry loops. Offline mode
+    (``HF_HUB_OFFLINE``) answers no at once; behind a proxy the probe defers to the client. The one hub probe of
+    the trainer: data, tokenizers and pretrained models all ask here."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # behind a proxy a direct connect proves nothing: let the hub client try (and report)
-    url = urlparse(constants.ENDPOINT)
+    return endpoint_reachable(constants.ENDPOINT, timeout)
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """The hub client in offline mode for the duration: cache lookups only. ``local_files_only`` alone is not
+    enough — the client still makes calls of its own (e.g. fetching its agent registry), which stall for their
+    timeouts on a network that drops packets."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
     try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
-def hub_documents(path: str, name: str, split: str) -> Iterator[str]:
+def hub_documents(path: str, name: str, split: str, tokenizer: str = "EleutherAI/pythia-70m") -> Iterator[str]:
     import datasets
 
     if not os.environ.get("HF_DATASETS_OFFLINE") and not hub_reachable():
         raise DataUnavailableError(
-            f"cannot reach the Hugging Face hub to load {path} ({name}, split {split}); {LOCAL_HINT}. "
-            "If the dataset is already in your datasets cache, set HF_DATASETS_OFFLINE=1."
+            f"cannot reach the Hugging Face hub to load {path} ({name}, split {split}); {offline_hint(tokenizer)}."
         )
     try:
         rows = datasets.load_dataset(path, name, split=split)
     except Exception as exc:  # offline mode, missing cache, connection errors: all mean "not available here"
-        raise DataUnavailableError(f"could not load {path} ({name}, split {split}): {exc}; {LOCAL_HINT}") from exc
+        raise DataUnavailableError(
+            f"could not load {path} ({name}, split {split}): {exc}; {offline_hint(tokenizer)}"
+        ) from exc
     yield from split_wikitext(rows["text"])
 
 
@@ -145,11 +163,13 @@ def load_tokenizer(spec: str) -> Tokenizer:
         raise DataUnavailableError(f"tokenizer file {spec} does not exist")
     else:
         if not hub_reachable():
-            raise DataUnavailableError(f"cannot reach the Hugging Face hub to fetch tokenizer {spec!r}; {LOCAL_HINT}")
+            raise DataUnavailableError(
+                f"cannot reach the Hugging Face hub to fetch tokenizer {spec!r}; {offline_hint(spec)}"
+            )
         try:
             backend = HFTokenizer.from_pretrained(spec)
         except Exception as exc:
-            raise DataUnavailableError(f"could not fetch tokenizer {spec!r}: {exc}; {LOCAL_HINT}") from exc
+            raise DataUnavailableError(f"could not fetch tokenizer {spec!r}: {exc}; {offline_hint(spec)}") from exc
     eos = backend.token_to_id("<|endoftext|>")
     if eos is None:
         raise DataUnavailableError(f"tokenizer {spec!r} has no <|endoftext|> token to separate documents")
@@ -196,12 +216,16 @@ def _file_spec(files: list[Path]) -> list:
 
 
 def cached_tokens(cache_dir: Path, spec: dict, produce) -> TokenFile:
-    """The token file for ``spec``; ``produce()`` (an iterable of uint16 arrays) runs only if it is not cached."""
+    """The token file for ``spec``; ``produce()`` (an iterable of uint16 arrays) runs only if it is not cached.
+
+    The metadata file is written last and names the token count, so a cache entry is used only when both files
+    are complete and agree; anything else (a kill or power loss mid-write) is rebuilt, never served."""
     spec = dict(spec, version=CACHE_VERSION)
     key = _cache_key(spec)
     cache_dir.mkdir(parents=True, exist_ok=True)
     path, meta_path = cache_dir / f"{key}.bin", cache_dir / f"{key}.json"
-    if not (path.is_file() and meta_path.is_file()):
+    meta = _cache_meta(path, meta_path)
+    if meta is None:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         n = 0
         with tmp.open("wb") as fh:
@@ -211,13 +235,26 @@ def cached_tokens(cache_dir: Path, spec: dict, produce) -> TokenFile:
                     raise ValueError(f"token id {int(arr.max())} does not fit the uint16 cache")
                 fh.write(arr.astype(np.uint16).tobytes())
                 n += arr.size
+            fh.flush()
+            os.fsync(fh.fileno())
         if n < 2:
             tmp.unlink()
             raise DataUnavailableError(f"the data source {spec['source']} produced no tokens")
         os.replace(tmp, path)
-        meta_path.write_text(json.dumps(dict(spec=spec, n_tokens=n), indent=1))
-    meta = json.loads(meta_path.read_text())
+        meta = dict(spec=spec, n_tokens=n)
+        write_durably(meta_path, json.dumps(meta, indent=1).encode())
     return TokenFile(path, np.memmap(path, dtype=np.uint16, mode="r"), meta)
+
+
+def _cache_meta(path: Path, meta_path: Path) -> dict | None:
+    """The metadata of a complete cache entry, or ``None`` when it is missing, unreadable or disagrees with the
+    token file's size."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        complete = path.stat().st_size == 2 * int(meta["n_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if complete else None
 
 
 def _tokenize(docs: Iterable[str], tok: Tokenizer, batch: int = 64) -> Iterator[np.ndarray]:
@@ -358,12 +395,14 @@ def build_data(cfg: DataConfig, seed: int) -> TokenData:
 
     hub = dict(source="hf", path=cfg.hf_path, name=cfg.hf_name, tokenizer=tok.fingerprint)
     train = cached_tokens(
-        cache, dict(hub, split="train"), lambda: _tokenize(hub_documents(cfg.hf_path, cfg.hf_name, "train"), tok)
+        cache,
+        dict(hub, split="train"),
+        lambda: _tokenize(hub_documents(cfg.hf_path, cfg.hf_name, "train", cfg.tokenizer), tok),
     )
     valid = cached_tokens(
         cache,
         dict(hub, split="validation"),
-        lambda: _tokenize(hub_documents(cfg.hf_path, cfg.hf_name, "validation"), tok),
+        lambda: _tokenize(hub_documents(cfg.hf_path, cfg.hf_name, "validation", cfg.tokenizer), tok),
     )
     return _wrap(cfg, seed, train.tokens, valid.tokens, f"{cfg.hf_path} ({cfg.hf_name})")
 

@@ -1,9 +1,14 @@
 """The training loop: reads top to bottom. ``train(cfg)`` → run directory.
 
 Run directory (self-describing; every figure can be regenerated from it):
-``config.yaml`` (resolved), ``env.json`` (versions, git SHA, device), ``metrics.jsonl`` / ``forces.jsonl`` /
-``weibull.jsonl`` (append-only, one record per log step, resume-safe), ``checkpoints/step_XXXXXX/`` (weights),
-``resume/`` (the state a killed run continues from).
+``config.yaml`` (resolved), ``config_changes.jsonl`` (changes accepted on resume, with their step), ``env.json``
+(versions, git SHA, device of the latest launch), ``metrics.jsonl`` / ``forces.jsonl`` / ``weibull.jsonl``
+(append-only, one record per log step, resume-safe), ``checkpoints/step_XXXXXX/`` (weights),
+``resume/`` (the states a killed run continues from), ``.lock`` (held by the running launch).
+
+Crash safety (``train.rundir``, ``train.checkpoint``): one launch at a time; a rerun continues from the newest
+verified resume state, falls back past damaged ones with a message, and refuses rather than rewrite a run it
+cannot continue; saves are durable before they are used; NaN/Inf stop the run before anything non-finite is saved.
 """
 
 from __future__ import annotations
@@ -23,20 +28,48 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from instrumented_adamw import InstrumentedAdamW
+from instrumented_adamw.integrity import file_mark, write_durably
 from instrumented_adamw.monitor import ForceMonitor
-from instrumented_adamw.sinks import JsonlSink, TensorBoardSink, WandbSink
+from instrumented_adamw.sinks import KINDS, JsonlSink, TensorBoardSink, WandbSink
 
 from . import checkpoint as ckpt
-from .config import Config, dump_config
+from . import rundir
+from .config import Config
 from .data import build_data
+from .faults import fault_point
 from .models import build_model
 from .schedule import lr_at
 
 
-def _device(spec: str, local_rank: int) -> torch.device:
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(spec)
+class DeviceUnavailableError(RuntimeError):
+    """``run.device`` names a device this machine does not have."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN/Inf; the message names the step. Nothing non-finite was saved."""
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``run.device`` as a device with an index where one is needed (``torch.cuda.set_device`` and DDP reject a
+    bare ``cuda``): ``auto`` and ``cuda`` mean this process's GPU, ``cuda:LOCAL_RANK``."""
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if spec == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceUnavailableError("run.device=mps, but this machine has no usable MPS device; use cpu or auto")
+        return torch.device("mps")
+    if not torch.cuda.is_available():
+        build = f"with CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
+        raise DeviceUnavailableError(
+            f"run.device={spec}, but no CUDA device is available (torch {torch.__version__}, built {build}); use "
+            "run.device=cpu or auto"
+        )
+    index = int(spec.partition(":")[2]) if ":" in spec else local_rank
+    if index >= torch.cuda.device_count():
+        raise DeviceUnavailableError(
+            f"run.device={spec} (process {local_rank}): this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return torch.device("cuda", index)
 
 
 def _git_sha() -> str | None:
@@ -115,6 +148,63 @@ def evaluate(model, data, cfg: Config, device, autocast, rank: int, world: int) 
     return float(total[0] / total[1])  # note: a CPU-GPU sync point, on eval steps only
 
 
+class NonFiniteWatch:
+    """Non-finite losses, from the per-step losses read on log steps: counted per interval, and the current run of
+    them in a row, which stops training at ``limit``. Non-finite weights stop it at once: AdamW never recovers
+    from them (NaN stays NaN through the update and the decay)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.streak, self.since = limit, 0, None
+
+    def update(self, first_step: int, losses: torch.Tensor) -> int:
+        """Feed the losses of steps ``first_step, first_step + 1, ...``; returns how many were non-finite."""
+        bad = (~torch.isfinite(losses)).tolist()
+        for i, b in enumerate(bad):
+            if b and self.streak == 0:
+                self.since = first_step + i
+            self.streak = self.streak + 1 if b else 0
+        return sum(bad)
+
+    def check(self, step: int, record: dict, resume_step: int | None) -> None:
+        """Raise :class:`NonFiniteError` if the run must stop (``record``: the monitor's metrics of ``step``; its
+        per-class RMS is non-finite exactly when some weight is)."""
+        if not all(math.isfinite(v) for k, v in record.items() if k.endswith("/rms")):
+            raise self.error(step, "the weights hold NaN or Inf", resume_step)
+        if self.streak >= self.limit:
+            what = (
+                f"the loss has been NaN or Inf for {self.streak} steps in a row, since step {self.since} "
+                f"(run.max_nonfinite_steps={self.limit})"
+            )
+            raise self.error(step, what, resume_step, loss_history=False)
+
+    def error(self, step: int, what: str, resume_step: int | None, loss_history: bool = True) -> NonFiniteError:
+        since = f"; the loss has been NaN or Inf since step {self.since}" if loss_history and self.streak else ""
+        return NonFiniteError(
+            f"step {step}: {what}{since}. Training stopped without saving anything non-finite; the last resume "
+            f"state (step {resume_step}) is finite and kept. Lower optim.lr, set optim.grad_clip or check the "
+            "data, then rerun (a changed config needs run.allow_config_change=true)."
+        )
+
+    def state_dict(self) -> dict:
+        return dict(streak=self.streak, since=self.since)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.streak, self.since = int(state.get("streak", 0)), state.get("since")
+
+
+def _agree(value, error: Exception | None, world: int):
+    """Rank 0's decision on every rank: its value, or its error raised on every rank."""
+    if world > 1:
+        box = [(value, None if error is None else str(error))]
+        dist.broadcast_object_list(box, src=0)
+        value, message = box[0]
+        if message is not None and error is None:
+            raise RuntimeError(f"rank 0 did not start: {message}")
+    if error is not None:
+        raise error
+    return value
+
+
 def train(cfg: Config) -> Path:
     import transformers
 
@@ -125,15 +215,33 @@ def train(cfg: Config) -> Path:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.distributed.strategy == "none" and world > 1:
         raise RuntimeError(f"launched with {world} processes but distributed.strategy=none; set it to ddp")
-    device = _device(cfg.run.device, local_rank)
+    device = resolve_device(cfg.run.device, local_rank)
     if cfg.distributed.strategy in ("ddp", "fsdp") and not dist.is_initialized():
         backend = cfg.distributed.backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend)
         world, rank = dist.get_world_size(), dist.get_rank()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    main = rank == 0
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    with contextlib.ExitStack() as held:
+        if rank == 0:
+            held.enter_context(rundir.run_lock(run_dir))  # a second launch into this directory is refused here
+        _train(cfg, run_dir, device, rank, world)
+    return run_dir
+
+
+def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: int) -> None:
+    main = rank == 0
+    # ------------------------------------------------------------------ continue, start fresh or refuse
+    # Rank 0 decides from the verified resume states and what the directory holds; nothing is written before, and a
+    # refusal comes before the data is tokenized.
+    plan, error = None, None
+    if main:
+        try:
+            plan = rundir.plan_start(cfg, run_dir)
+        except rundir.RunDirError as exc:
+            error = exc
+    state_name = _agree(plan.state.directory.name if plan and plan.state else None, error, world)
 
     # ------------------------------------------------------------------ data (rank 0 tokenizes first)
     if main:
@@ -164,10 +272,16 @@ def train(cfg: Config) -> Path:
     for group in opt.param_groups:
         group["initial_lr"] = cfg.optim.lr  # the peak: lr_squared decay scales by lr_t / peak
 
-    start, resumed = 0, {}
-    if cfg.run.resume and ckpt.latest_resume_step(run_dir) is not None:
-        load = ckpt.load_resume_sharded if fsdp else ckpt.load_resume
-        start, resumed = load(run_dir, model, opt)
+    start, extra = 0, {}
+    if state_name is not None:  # the decided state into the model, optimizer and RNG
+        state_dir = run_dir / "resume" / state_name
+        if fsdp:
+            extra = ckpt.load_sharded(state_dir, model, opt)
+        else:
+            state = plan.state if main else ckpt.read_state(state_dir, verify=False)
+            ckpt.apply_state(state, model, opt)
+            extra = state.extra
+        start = ckpt.dir_step(state_dir)
     step_model = model
     if cfg.distributed.strategy == "ddp":
         step_model = torch.nn.parallel.DistributedDataParallel(
@@ -183,12 +297,19 @@ def train(cfg: Config) -> Path:
 
     # ------------------------------------------------------------------ run directory and logging (rank 0)
     # Every rank has a monitor (under FSDP reading forces and fitting are collectives); only rank 0's has sinks.
-    sinks = []
+    total = cfg.schedule.total_steps
+    sinks, jsonl = [], None
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-        (run_dir / "env.json").write_text(json.dumps(_environment(device, world), indent=1))
-        sinks = [JsonlSink(run_dir, resume_step=start)]  # drops records written after the resume point
+        marks = rundir.prepare(plan, cfg, run_dir)  # logs cut back to the state, later outputs and leftovers gone
+        write_durably(run_dir / "env.json", json.dumps(_environment(device, world), indent=1).encode())
+        for note in plan.notes:
+            print(f"[train] {note}", file=sys.stderr, flush=True)
+        if plan.state is not None:
+            done_note = ": the run is already complete" if start >= total else ""
+            print(f"[train] resumed from step {start} of {total} ({plan.state.directory}){done_note}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        jsonl = JsonlSink(run_dir, marks=None if marks is None else {k: marks[f"{k}.jsonl"] for k in KINDS})
+        sinks = [jsonl]
         if cfg.logging.wandb:
             sinks.append(
                 WandbSink(
@@ -202,7 +323,9 @@ def train(cfg: Config) -> Path:
                 )
             )
         if cfg.logging.tensorboard:
-            sinks.append(TensorBoardSink(run_dir / "tensorboard", purge_step=start + 1 if start else None))
+            sinks.append(TensorBoardSink(run_dir / "tensorboard", purge_step=start + 1 if state_name else None))
+    if world > 1:
+        dist.barrier()  # rank 0 has brought the directory to the starting point
     monitor = ForceMonitor(
         opt,
         model,
@@ -211,80 +334,118 @@ def train(cfg: Config) -> Path:
         weibull_every=cfg.logging.weibull_every,
         per_tensor=cfg.logging.per_tensor,
     )
-    monitor.load_state_dict(resumed.get("monitor", {}))
+    monitor.load_state_dict(extra.get("monitor", {}))
+    watch = NonFiniteWatch(cfg.run.max_nonfinite_steps)
+    watch.load_state_dict(extra.get("nonfinite", {}))
+    config = rundir.plain_config(cfg)
+    kept = {"name": state_name, "step": start if state_name else None}  # the last good resume state
+
+    def save_state(done: int) -> None:
+        """The resume state of step ``done``, with the logs' marks (its finiteness is checked by the caller)."""
+        logs = {}
+        if main:
+            logs = {f"{k}.jsonl": m for k, m in jsonl.marks().items()}
+            logs["config_changes.jsonl"] = file_mark(run_dir / "config_changes.jsonl")
+        carry = {"monitor": monitor.state_dict(), "nonfinite": watch.state_dict()}
+        kwargs = dict(config=config, logs=logs, extra=carry, keep=kept["name"])
+        if fsdp:
+            kept["name"] = ckpt.save_resume_sharded(run_dir, done, model, opt, **kwargs)
+        elif main:
+            kept["name"] = ckpt.save_resume(run_dir, done, model, opt, **kwargs)
+        kept["step"] = done
+        if world > 1:
+            dist.barrier()
+
     fit_here = main or fsdp  # fits gather full tensors under FSDP: every rank takes part
-    if start == 0:
+    if state_name is None:
         if cfg.logging.weibull_every and fit_here:
             monitor.fit(0)  # the initial distribution: λ(t) starts here
         save_snapshot(run_dir, 0, model, None, fsdp, main)
+        save_state(0)  # a kill before the first resume_every resumes here, not from nothing
     snapshots = checkpoint_steps(cfg)
 
     # ------------------------------------------------------------------ loop
-    total = cfg.schedule.total_steps
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     progress = None
     if main and cfg.logging.progress:
         from tqdm import tqdm
 
         progress = tqdm(total=total, initial=start, desc=cfg.run.name, unit="step", dynamic_ncols=True)
-    loss_sum = torch.zeros((), device=device)
+    losses = torch.zeros(cfg.logging.log_every, device=device)  # this interval's per-step losses, read on log steps
     t_last, steps_since = time.perf_counter(), 0
-    for step in range(start, total):
-        lr = lr_at(step, cfg.optim.lr, cfg.schedule)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y = data.batch(step, rank, world)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
-            logits = step_model(input_ids=x).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        loss.backward()
-        if cfg.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-        steps_since += 1
-        done = step + 1
 
-        if done % cfg.logging.log_every == 0 or done == total:
-            if world > 1:
-                dist.all_reduce(loss_sum)  # each rank saw its share of the batch: log the global mean
-                loss_sum /= world
-            mean_loss = float(loss_sum) / steps_since  # note: a CPU-GPU sync point, on log steps only
-            elapsed = time.perf_counter() - t_last
-            scalars = {"loss": mean_loss, "lr": lr, "throughput(tok/s)": steps_since * tokens_per_step / elapsed}
-            if done % cfg.logging.eval_every == 0 or done == total:
-                scalars["val_loss"] = evaluate(model, data, cfg, device, autocast, rank, world)
-            record = monitor.log(done, **scalars)  # every rank: its interval restarts with rank 0's
-            if progress is not None:
-                share = record.get("Transmission/align_share", float("nan"))
-                progress.set_postfix(
-                    loss=f"{mean_loss:.3f}", tok_s=f"{scalars['throughput(tok/s)']:.0f}", align=f"{share:.3f}"
-                )
-            loss_sum.zero_()
-            t_last, steps_since = time.perf_counter(), 0
-        if fit_here and cfg.logging.weibull_every and done % cfg.logging.weibull_every == 0:
-            monitor.fit(done)
-        if done in snapshots:
-            save_snapshot(run_dir, done, model, opt if cfg.checkpoint.save_optimizer else None, fsdp, main)
-        if done % cfg.checkpoint.resume_every == 0 or done == total:
-            extra = {"monitor": monitor.state_dict()}
-            if fsdp:
-                ckpt.save_resume_sharded(run_dir, done, model, opt, extra)
-            elif main:
-                ckpt.save_resume(run_dir, done, model, opt, extra=extra)
-            if world > 1:
-                dist.barrier()
+    def log_interval(done: int, lr: float) -> dict:
+        """Write the records of the interval ending at ``done``; returns the monitor's metrics."""
+        nonlocal t_last, steps_since
+        interval = losses[:steps_since]
+        if world > 1:
+            dist.all_reduce(interval)  # each rank saw its share of the batch: log the global mean
+            interval /= world
+        host = interval.double().cpu()  # note: a CPU-GPU sync point, on log steps only
+        nonfinite = watch.update(done - steps_since + 1, host)
+        elapsed = time.perf_counter() - t_last
+        scalars = {"loss": float(host.mean()), "lr": lr, "nonfinite/loss_steps": nonfinite,
+                   "throughput(tok/s)": steps_since * tokens_per_step / elapsed}  # fmt: skip
+        if done % cfg.logging.eval_every == 0 or done == total:
+            scalars["val_loss"] = evaluate(model, data, cfg, device, autocast, rank, world)
+        record = monitor.log(done, **scalars)  # every rank: its interval restarts with rank 0's
         if progress is not None:
-            progress.update(1)
+            share = record.get("Transmission/align_share", float("nan"))
+            progress.set_postfix(
+                loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['throughput(tok/s)']:.0f}", align=f"{share:.3f}"
+            )
+        t_last, steps_since = time.perf_counter(), 0
+        return record
 
-    if progress is not None:
-        progress.close()
-    monitor.close()
+    def ensure_finite(done: int, lr: float, tensors, what: str) -> None:
+        """Before a save: stop rather than write NaN/Inf, logging the interval so far so the counts are on record."""
+        if ckpt.all_finite(tensors, distributed=fsdp):  # note: a CPU-GPU sync point, on save steps only
+            return
+        if steps_since:
+            log_interval(done, lr)
+        raise watch.error(done, what, kept["step"])
+
+    try:
+        for step in range(start, total):
+            lr = lr_at(step, cfg.optim.lr, cfg.schedule)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = data.batch(step, rank, world)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast():
+                logits = step_model(input_ids=x).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+            loss.backward()
+            if cfg.optim.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[steps_since] = loss.detach()
+            steps_since += 1
+            done = step + 1
+            fault_point("step", done)
+
+            if done % cfg.logging.log_every == 0 or done == total:
+                record = log_interval(done, lr)
+                fault_point("log", done)
+                watch.check(done, record, kept["step"])  # NaN/Inf: stop before anything is fitted or saved
+            if fit_here and cfg.logging.weibull_every and done % cfg.logging.weibull_every == 0:
+                monitor.fit(done)
+            if done in snapshots:
+                ensure_finite(done, lr, model.parameters(), "the weights hold NaN or Inf")
+                save_snapshot(run_dir, done, model, opt if cfg.checkpoint.save_optimizer else None, fsdp, main)
+            if done % cfg.checkpoint.resume_every == 0 or done == total:
+                moments = (v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+                ensure_finite(done, lr, [*model.parameters(), *moments], "the weights or Adam moments hold NaN or Inf")
+                save_state(done)
+            if progress is not None:
+                progress.update(1)
+    finally:
+        if progress is not None:
+            progress.close()
+        monitor.close()
     if world > 1:
         dist.barrier()
-    return run_dir
 
 
 def summary_line(run_dir: Path) -> str:
@@ -297,7 +458,8 @@ def summary_line(run_dir: Path) -> str:
     last = records[-1]
     val = last.get("val_loss")
     share = last.get("Transmission/align_share")
-    parts = [f"step {last['step']}", f"loss {last['loss']:.4f}"]
+    loss = last.get("loss")
+    parts = [f"step {last['step']}", f"loss {loss:.4f}" if loss is not None else "loss NaN/Inf"]
     if val is not None and math.isfinite(val):
         parts.append(f"val_loss {val:.4f}")
     if share is not None:

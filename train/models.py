@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -58,19 +60,41 @@ def build_model(cfg: ModelConfig) -> transformers.PreTrainedModel:
 
 
 class PretrainedUnavailableError(RuntimeError):
-    """The pretrained weights are neither a local directory nor reachable on the hub."""
+    """The pretrained weights are neither a local directory nor reachable on the hub nor in the local cache."""
 
 
 def load_pretrained(name: str, revision: str | None) -> transformers.PreTrainedModel:
+    """``name`` from a local HF directory, else from the hub, else from the local hub cache.
+
+    The hub is probed first (:func:`train.data.hub_reachable`, a few seconds at most): unreachable, only the cache is
+    tried, instead of the hub client's ~30 s of retries before the same failure."""
+    from huggingface_hub import constants
+
+    from .data import hub_offline, hub_reachable
+
+    kwargs = dict(revision=revision, attn_implementation="sdpa", **_dtype_kwarg())
+    path = Path(os.path.expanduser(name))
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise PretrainedUnavailableError(f"model.pretrained={name!r}: no such directory")
+        return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)  # a broken directory raises as is
+    online = hub_reachable()
     try:
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            name, revision=revision, attn_implementation="sdpa", **_dtype_kwarg()
-        )
+        with contextlib.nullcontext() if online else hub_offline():
+            return transformers.AutoModelForCausalLM.from_pretrained(name, local_files_only=not online, **kwargs)
     except OSError as exc:
-        if Path(name).exists():
-            raise
+        rev = revision or "main"
+        why = (
+            "HF_HUB_OFFLINE is set"
+            if constants.HF_HUB_OFFLINE
+            else f"the Hugging Face hub ({constants.ENDPOINT}) does not answer"
+            if not online
+            else "the hub refused it"
+        )
         raise PretrainedUnavailableError(
-            f"cannot load {name!r} (revision {revision or 'main'}): the Hugging Face hub is unreachable and it is "
-            f"not in the local cache ({str(exc).splitlines()[0]}). Download it where there is network "
-            f"(`hf download {name} --revision {revision or 'main'} --local-dir DIR`) and set model.pretrained=DIR."
+            f"cannot load {name!r} (revision {rev}): {why}, and it is not in the local cache "
+            f"({constants.HF_HUB_CACHE}) [{str(exc).splitlines()[0]}]. On a machine with network run "
+            f"`hf download {name} --revision {rev} --local-dir DIR` (the `hf` command comes with "
+            "`pip install huggingface_hub`), copy DIR here and set model.pretrained=DIR; or download it there into "
+            "a Hugging Face cache, copy that cache here (HF_HOME) and set HF_HUB_OFFLINE=1."
         ) from exc

@@ -50,12 +50,19 @@ def expand(path: Path, extra: list[str]) -> list[tuple[str, list[str]]]:
     return points
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", help="section.field=value for every point, before or after options")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (e.g. 3 small runs on one GPU)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after --parallel N
+    if args.parallel < 1:
+        parser.error(f"--parallel must be >= 1, got {args.parallel}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     path = Path(args.config)
     try:
         points = expand(path, args.overrides)
