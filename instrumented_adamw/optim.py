@@ -279,6 +279,28 @@ class InstrumentedAdamW(torch.optim.AdamW):
         self._shard_group = group
         return True
 
+    # ------------------------------------------------------------------ state dicts
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, plus the call counter as ``param_groups[0]["track_calls"]``.
+
+        The counter sets which calls ``track_every`` measures; carrying it makes a resumed run measure the steps an
+        uninterrupted one would. It rides in a param group because every checkpointer (torch.save, the HF Trainer,
+        torch.distributed.checkpoint) keeps group keys; ``torch.optim.AdamW`` loads such a dict and ignores it.
+        """
+        state = super().state_dict()
+        if state["param_groups"]:
+            state["param_groups"][0]["track_calls"] = int(self._calls)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups = state_dict.get("param_groups") or [{}]
+        calls = groups[0].get("track_calls")
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.pop("track_calls", None)
+        if calls is not None:  # absent in dicts saved by torch.optim.AdamW: the count goes on from here
+            self._calls.fill_(int(calls))
+
     # ------------------------------------------------------------------ copies
     # Optimizer.__getstate__ keeps only defaults, state and param_groups; the tracking state (names, force tables,
     # counters) is carried beside them, per parameter in group order, because it is keyed by tensor identity.

@@ -57,6 +57,7 @@ def main(mode: str, out: str) -> None:
         with open(out, "w") as fh:
             json.dump(dict(reads=reads, params=full), fh)
     if mode != "single":
+        dist.barrier()  # leave together: a rank destroying the group while its peer still writes can abort
         dist.destroy_process_group()
 
 

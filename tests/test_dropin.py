@@ -406,3 +406,25 @@ def test_fit_without_safetensors_names_the_extra(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     assert main(["fit", str(tmp_path / "w.safetensors")]) == 2
     assert "pip install 'instrumented-adamw[checkpoints]'" in capsys.readouterr().err
+
+
+def test_state_dict_carries_the_track_every_phase():
+    """A resumed optimizer measures the calls an uninterrupted one would (track_every counts calls)."""
+    straight_params = make_params()
+    straight = InstrumentedAdamW(param_groups(straight_params, 0.1), track_every=3)
+    run(straight, straight_params, 7)  # calls 1, 4, 7 measured
+    first_params = make_params()
+    first = InstrumentedAdamW(param_groups(first_params, 0.1), track_every=3)
+    run(first, first_params, 4)
+    saved = first.state_dict()
+    assert saved["param_groups"][0]["track_calls"] == 4
+    ref = torch.optim.AdamW(param_groups(make_params(), 0.1, named=False))
+    ref.load_state_dict(saved)  # torch's AdamW accepts it and carries the key along
+    resumed = InstrumentedAdamW(param_groups(first_params, 0.1), track_every=3)
+    resumed.load_state_dict(ref.state_dict())
+    assert "track_calls" not in resumed.param_groups[0]
+    resumed.read_forces()
+    run(resumed, first_params, 3, start=4)  # calls 5, 6, 7: only 7 is measured
+    r = resumed.read_forces()
+    assert list(r.steps) == [1] * 4 and list(r.unmeasured_steps) == [2] * 4
+    np.testing.assert_array_equal(r.last, straight.read_forces().last)

@@ -34,6 +34,43 @@ def command(tmp: Path, name: str, strategy: str) -> list[str]:
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc): torchrun starts its workers in sessions of their own, so killing
+    torchrun's process group would leave them running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> list[int]:
+    """SIGKILL torchrun and every worker it started, at once; returns the workers' pids."""
+    pids = descendants(proc.pid)
+    for pid in [proc.pid, *pids]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    return pids
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 def run(cmd: list[str]) -> None:
     done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -94,9 +131,13 @@ def test_fsdp_kill_and_rerun_equals_uninterrupted(fsdp_run, tmp_path):
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
     assert json.loads(pointer.read_text())["step"] >= 20
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
-    proc.wait()
-    assert json.loads(pointer.read_text())["step"] < TOTAL
+    workers = kill_tree(proc)  # torchrun and both workers, wherever their sessions are
+    assert len([p for p in workers if "train" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore")
+                or True]) >= 2  # fmt: skip
+    time.sleep(0.5)
+    assert not [p for p in workers if Path(f"/proc/{p}").exists() and "Z" not in _state(p)], "a worker survived"
+    killed_at = json.loads(pointer.read_text())["step"]
+    assert 20 <= killed_at < TOTAL  # it really stopped mid-run: the rerun has steps to do
     run(cmd)
     a = load_file(fsdp_run / "checkpoints" / f"step_{TOTAL:06d}" / "model.safetensors")
     b = load_file(tmp_path / "fsdp" / "checkpoints" / f"step_{TOTAL:06d}" / "model.safetensors")

@@ -28,14 +28,18 @@ def main(argv: list[str] | None = None) -> int:
     from .loop import DeviceUnavailableError, NonFiniteError, summary_line, train
     from .rundir import RunDirError
 
+    clean = False
     try:
         run_dir = train(cfg)
+        clean = True
     except (DataUnavailableError, PretrainedUnavailableError, DeviceUnavailableError, RunDirError, StateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
+    finally:
+        _close_process_group(clean)
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary_line(run_dir))
         print(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, forces.jsonl, weibull.jsonl, checkpoints/)")
@@ -45,6 +49,18 @@ def main(argv: list[str] | None = None) -> int:
             result = make_report([run_dir], run_dir / "report")
             print(f"figures: {run_dir / 'report'}  (report.html, {len(result['files']) - 1} PNGs)")
     return 0
+
+
+def _close_process_group(clean: bool) -> None:
+    """Leave the process group explicitly: a rank that exits while a peer still holds the group can abort (gloo
+    aborts at interpreter teardown). After a finished run every rank meets at a barrier first; after an error a
+    barrier could wait forever on a rank that is elsewhere, so the group is only destroyed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
