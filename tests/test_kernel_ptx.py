@@ -5,8 +5,10 @@ captures those launches on CPU tensors for every option the optimizer passes (dt
 scale × found_inf, aligned and misaligned tensors, lr as a float, a float64 tensor or a misaligned view) and hands
 them to each kernel's own ``warmup`` with a stand-in driver that names the target: the JIT builds exactly the
 variant a GPU would (signature, constants, alignment attributes, compiler options), and Triton's bundled ``ptxas``
-assembles it. (A separate process because the CPU interpreter that test_triton.py runs leaves ``triton.language``
-patched after a kernel calls a ``@triton.jit`` helper, which breaks compiling for real in the same process.)
+assembles it. Everything Triton happens in the workers, never in the test process: Triton's interpret mode is
+fixed when ``triton`` is first imported (test_triton.py sets TRITON_INTERPRET=1 before it imports it), and the
+interpreter leaves ``triton.language`` patched after a kernel calls a ``@triton.jit`` helper, which would break
+compiling for real in the same process.
 
 Checked for each variant and target:
 
@@ -25,6 +27,7 @@ This says nothing about speed (no GPU runs here): it guards the code that the ba
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -38,9 +41,10 @@ from pathlib import Path
 import pytest
 import torch
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+import instrumented_adamw
 
-import instrumented_adamw  # noqa: E402
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (pip install triton)", allow_module_level=True)
 
 TARGETS = {"sm_80": 80, "sm_90": 90}  # A100, H100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -111,7 +115,9 @@ def update_name(dtype: str, amsgrad: bool, scaled: bool) -> str:
 
 
 def compile_all(capability: int, out: Path) -> None:
-    """Worker: compile every variant for one target; write ``<name>.ptx`` / ``.cubin`` and ``index.json``."""
+    """Worker: compile every variant for one target; write ``<name>.ptx``, ``<name>.sass`` (SASS and resource
+    usage, from the ``cuobjdump`` bundled with the wheel, like ``ptxas``) and ``index.json``."""
+    import triton
     from triton.runtime.driver import driver
 
     from instrumented_adamw import triton_adamw
@@ -133,10 +139,14 @@ def compile_all(capability: int, out: Path) -> None:
                 built[k.hash] = k
             k = next(iter(built.values()))
             (out / f"{name}.ptx").write_text(k.asm["ptx"])
-            (out / f"{name}.cubin").write_bytes(k.asm["cubin"])
+            cubin = out / f"{name}.cubin"
+            cubin.write_bytes(k.asm["cubin"])
+            dump = [triton.knobs.nvidia.cuobjdump.path, "--dump-sass", "--dump-resource-usage", str(cubin)]
+            (out / f"{name}.sass").write_text(subprocess.run(dump, capture_output=True, text=True, check=True).stdout)
             index[name] = {"launches": len(recorded), "variants": len(built), "num_warps": k.metadata.num_warps}
         except Exception:  # reported by the test of this variant, with the compiler's message
             index[name] = {"error": traceback.format_exc()}
+    index["BLOCK"] = triton_adamw.BLOCK
     (out / "index.json").write_text(json.dumps(index, indent=1))
 
 
@@ -150,24 +160,31 @@ def compiled(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     root = str(Path(instrumented_adamw.__file__).parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else root
     workers = {}
-    for target, capability in TARGETS.items():
-        out = tmp_path_factory.mktemp(target)
-        cmd = [sys.executable, __file__, str(capability), str(out)]
-        workers[target] = (out, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    results = {}
-    for target, (out, proc) in workers.items():
-        log = proc.communicate(timeout=WORKER_TIMEOUT_S)[0].decode(errors="replace")
-        assert proc.returncode == 0, f"the {target} compile worker failed:\n{log}"
-        results[target] = (out, json.loads((out / "index.json").read_text()))
-    return results
+    try:
+        for target, capability in TARGETS.items():
+            out = tmp_path_factory.mktemp(target)
+            cmd = [sys.executable, __file__, str(capability), str(out)]
+            workers[target] = (out, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        results = {}
+        for target, (out, proc) in workers.items():
+            log = proc.communicate(timeout=WORKER_TIMEOUT_S)[0].decode(errors="replace")
+            assert proc.returncode == 0, f"the {target} compile worker failed:\n{log}"
+            results[target] = (out, json.loads((out / "index.json").read_text()))
+        return results
+    finally:
+        for _, proc in workers.values():
+            if proc.poll() is None:  # a worker past its timeout, or left behind by the other's failure
+                proc.kill()
+                proc.wait()
 
 
-def variant(compiled, target: str, name: str) -> tuple[str, bytes, dict]:
+def variant(compiled, target: str, name: str) -> tuple[str, str, dict]:
+    """PTX, SASS with resource usage, and what the worker noted (launches, variants built, warps, BLOCK)."""
     out, index = compiled[target]
     info = index[name]
     if "error" in info:
         pytest.fail(f"{name} does not compile for {target}:\n{info['error']}")
-    return (out / f"{name}.ptx").read_text(), (out / f"{name}.cubin").read_bytes(), info
+    return (out / f"{name}.ptx").read_text(), (out / f"{name}.sass").read_text(), {**info, "BLOCK": index["BLOCK"]}
 
 
 def global_accesses(ptx: str) -> Counter:
@@ -181,14 +198,8 @@ def global_accesses(ptx: str) -> Counter:
     return out
 
 
-def cubin_report(cubin: bytes, tmp_path: Path) -> tuple[Counter, dict[str, int]]:
+def sass_report(text: str) -> tuple[Counter, dict[str, int]]:
     """SASS memory instructions (``LDG.E.128`` → ('LDG', 16)) and the resource usage (REG, STACK, LOCAL, ...)."""
-    path = tmp_path / "kernel.cubin"
-    path.write_bytes(cubin)
-    cuobjdump = triton.knobs.nvidia.cuobjdump.path  # bundled with the wheel, like ptxas
-    text = subprocess.run(
-        [cuobjdump, "--dump-sass", "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True
-    ).stdout
     width = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
     sass: Counter = Counter()
     for op, mods in re.findall(r"\b(LDG|STG|LDL|STL)((?:\.\w+)*)", text):
@@ -207,15 +218,12 @@ def assert_no_local_memory(ptx: str, sass: Counter, usage: dict[str, int]) -> No
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
 @pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad_scale"])
-def test_update_kernel_moves_16_byte_vectors_and_never_spills(compiled, target, dtype, amsgrad, scaled, tmp_path,
-                                                              request):  # fmt: skip
-    ptx, cubin, info = variant(compiled, target, update_name(dtype, amsgrad, scaled))
+def test_update_kernel_moves_16_byte_vectors_and_never_spills(compiled, target, dtype, amsgrad, scaled, request):
+    ptx, sass_text, info = variant(compiled, target, update_name(dtype, amsgrad, scaled))
     # maximize, found_inf, the tensors' alignment and lr's kind are decided at run time: one variant for all.
     assert info["variants"] == 1, f"{info['launches']} launches built {info['variants']} variants"
-    from instrumented_adamw.triton_adamw import BLOCK
-
     itemsize = DTYPES[dtype].itemsize
-    elements = BLOCK // (32 * info["num_warps"])  # per thread and stream
+    elements = info["BLOCK"] // (32 * info["num_warps"])  # per thread and stream
     vectors = elements * itemsize // VECTOR_BYTES
     assert vectors >= 1, "a block too small to give every thread one 16-byte vector"
     loaded, stored = 4 + amsgrad, 3 + amsgrad  # p, g, m, v (, max v) in; p, m, v (, max v) out
@@ -227,7 +235,7 @@ def test_update_kernel_moves_16_byte_vectors_and_never_spills(compiled, target, 
     assert access["ld", itemsize] >= loaded * elements and access["st", itemsize] >= stored * elements, access
     assert not {size for _, size in access} - {VECTOR_BYTES, 8, 4, itemsize}, access
 
-    sass, usage = cubin_report(cubin, tmp_path)
+    sass, usage = sass_report(sass_text)
     assert sass["LDG", VECTOR_BYTES] == loaded * vectors and sass["STG", VECTOR_BYTES] == stored * vectors, sass
     assert_no_local_memory(ptx, sass, usage)
     request.node.user_properties.append(("registers", usage["REG"]))
@@ -236,10 +244,10 @@ def test_update_kernel_moves_16_byte_vectors_and_never_spills(compiled, target, 
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_partial_sums_kernel_compiles_without_local_memory(compiled, target, tmp_path, request):
-    ptx, cubin, info = variant(compiled, target, "sum")
+def test_partial_sums_kernel_compiles_without_local_memory(compiled, target, request):
+    ptx, sass_text, info = variant(compiled, target, "sum")
     assert info["variants"] == 1, f"{info['launches']} launches built {info['variants']} variants"
-    sass, usage = cubin_report(cubin, tmp_path)
+    sass, usage = sass_report(sass_text)
     assert_no_local_memory(ptx, sass, usage)
     request.node.user_properties.append(("registers", usage["REG"]))
 
