@@ -7,10 +7,23 @@ few floats per block.
 * **Multi-tensor**: all tensors of a (device, dtype) bucket go in one launch. Tables on the device hold each
   tensor's data pointers and size; a block table maps every program to (tensor, first element), with 64-bit
   offsets, so any tensor size works and tiny tensors cost one block.
+* **16-byte accesses**: pointers read from a table carry no alignment the compiler could see, and a mask against
+  a size read from memory is not known to be constant over 16 bytes, so without help every access is scalar. Each
+  program therefore checks its tensor at run time: when p, g, m, v (and max v) are 16-byte aligned and the block's
+  valid length is a multiple of 16 bytes (a full block, or a tail that is), it runs the update with
+  ``tl.multiple_of`` hints on pointers and length, which compile to ``ld.global.v4.b32`` / ``st.global.v4.b32``;
+  otherwise (a view with a storage offset, a ragged tail) the same update runs element by element. The check is
+  per tensor and per step, in the kernel, so gradients that are views need nothing on the host and one odd tensor
+  does not slow its bucket. ``tests/test_kernel_ptx.py`` compiles every variant for sm_80 and sm_90 on CPU and
+  holds the PTX and SASS to that: (4 + amsgrad) streams loaded and (3 + amsgrad) stored in 16-byte vectors in the
+  fast path, a scalar fallback, no local memory (docs/benchmarks.md lists the counts).
+* **Few variants**: only DTYPE, AMSGRAD and HAS_SCALE (the division) are compile-time; maximize is a ±1 factor
+  (exact), found_inf always a pointer (a zero without GradScaler), lr converted to fp32 on the host, and no
+  argument's alignment specialises: 12 variants per GPU architecture, each compiled once on first use.
 * **Deterministic reductions**: each program sums its block in fp32 and writes one partial per quantity; a
   second kernel adds each tensor's partials in a fixed order in float64. No atomics: bitwise reproducible.
 * **No host sync**: lr may be a device tensor (capturable / CUDA graphs); bias corrections are computed in the
-  kernel from each tensor's step; ``found_inf`` (GradScaler) makes every program return before writing.
+  kernel from each tensor's step; ``found_inf`` (GradScaler) makes every program skip its block before writing.
 
 On CPU the same kernels run under ``TRITON_INTERPRET=1`` (tests); the optimizer uses this path only on CUDA.
 """
@@ -27,74 +40,126 @@ from torch import Tensor
 #: Elements per program. 1024 fp32 elements × 5 streams keeps several 16-byte loads in flight per thread.
 BLOCK = 1024
 
+#: Bytes of the widest global load or store a CUDA thread issues (``ld.global.v4.b32``, ``LDG.E.128``).
+VECTOR_BYTES = tl.constexpr(16)
+
+# No argument's address makes a variant (Triton would otherwise compile one per 16-byte-aligned or not): the data
+# pointers travel in tables and are checked per tensor in the kernel; the arguments are scalars and tables read
+# element by element, where alignment buys nothing. The variants are DTYPE × AMSGRAD × HAS_SCALE, all of which
+# tests/test_kernel_ptx.py compiles for sm_80 and sm_90.
+_POINTER_ARGS = (
+    "block_tensor", "block_start", "p_ptrs", "g_ptrs", "m_ptrs", "v_ptrs", "vmax_ptrs", "numels", "steps",
+    "log_betas", "lr_ptr", "grad_scale_ptr", "found_inf_ptr", "partials",
+)  # fmt: skip
+
 
 @triton.jit
+def _step_block(
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr,  # this block's first element in each stream
+    rem,  # int32: elements valid from there (BLOCK for a full block)
+    grad_scale_ptr, grad_sign, lr, bc1, bc2_sqrt, weight_decay, beta1, beta2, eps,
+    DTYPE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The update of one block and its three fp32 partial sums. The caller inlines it twice, with and without the
+    hints that allow 16-byte accesses; the arithmetic is the same in both."""
+    idx = tl.arange(0, BLOCK)
+    mask = idx < rem
+    w = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = g / tl.load(grad_scale_ptr)
+    g = g * grad_sign  # ±1: exact, so maximize costs no variant
+    m = m + (1.0 - beta1) * (g - m)  # lerp, as torch
+    v = v * beta2 + (1.0 - beta2) * g * g
+    if AMSGRAD:
+        vhat = tl.maximum(tl.load(vmax_ptr + idx, mask=mask, other=0.0).to(tl.float32), v)
+        tl.store(vmax_ptr + idx, vhat.to(DTYPE), mask=mask)
+    else:
+        vhat = v
+    u = (m / bc1) / (tl.sqrt(vhat) / bc2_sqrt + eps)  # û = m̂ / (√v̂ + ε)
+    u = tl.where(mask, u, 0.0)
+    w_new = w * (1.0 - lr * weight_decay) - lr * u
+    tl.store(p_ptr + idx, w_new.to(DTYPE), mask=mask)
+    tl.store(m_ptr + idx, m.to(DTYPE), mask=mask)
+    tl.store(v_ptr + idx, v.to(DTYPE), mask=mask)
+    return tl.sum(w * u, axis=0), tl.sum(u * u, axis=0), tl.sum(w * w, axis=0)
+
+
+@triton.jit(do_not_specialize_on_alignment=_POINTER_ARGS)
 def _adamw_block(
     block_tensor,  # int32 [programs]: which tensor this program works on
-    block_start,  # int64 [programs]: its first element
+    block_start,  # int64 [programs]: its first element, a multiple of BLOCK
     p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs,  # int64 [T]: data pointers
     numels,  # int64 [T]
     steps,  # fp32 [T]: the step count after this step's increment
     log_betas,  # fp64 [2]: ln β1, ln β2 (kernel float arguments are fp32: 1 − β2^t would lose 1e-5 at t = 1)
-    lr_ptr,  # fp32/fp64 [1]
-    grad_scale_ptr, found_inf_ptr,  # fp32 [1] each (dummies when absent)
+    lr_ptr,  # fp32 [1]
+    grad_scale_ptr,  # fp32 [1] (a dummy without HAS_SCALE)
+    found_inf_ptr,  # fp32 [1]: nonzero skips the step (a zero without GradScaler)
     partials,  # fp32 [programs, 3]: Σ w·û, Σ û², Σ w² of the block
+    grad_sign,  # -1.0 to maximize, else 1.0
     weight_decay, beta1, beta2, eps,
     DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
+    VEC: tl.constexpr = VECTOR_BYTES * 8 // DTYPE.primitive_bitwidth  # elements per 16-byte access
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
-    n = tl.load(numels + t)
-    if HAS_FOUND_INF:
-        # GradScaler found inf/NaN: no element is read or written, the partials are 0, the caller drops the step.
-        n = tl.where(tl.load(found_inf_ptr) == 0, n, 0)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < n
-    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(DTYPE))
-    v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(DTYPE))
-
-    w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        g = g / tl.load(grad_scale_ptr)
-    if MAXIMIZE:
-        g = -g
+    start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # true by construction of the block table
+    # GradScaler found inf/NaN: no element is read or written, the partials are 0, the caller drops the step.
+    n = tl.where(tl.load(found_inf_ptr) == 0, tl.load(numels + t), 0)
+    p_addr = tl.load(p_ptrs + t)
+    g_addr = tl.load(g_ptrs + t)
+    m_addr = tl.load(m_ptrs + t)
+    v_addr = tl.load(v_ptrs + t)
+    addr_bits = p_addr | g_addr | m_addr | v_addr
+    if AMSGRAD:
+        vmax_addr = tl.load(vmax_ptrs + t)
+        addr_bits = addr_bits | vmax_addr
+    else:
+        vmax_addr = p_addr  # never dereferenced
     lr = tl.load(lr_ptr).to(tl.float32)
     step = tl.load(steps + t).to(tl.float64)
     # Bias corrections in float64, as torch computes them on the host: 1 − β^t cancels badly in fp32.
     bc1 = (1.0 - tl.exp(step * tl.load(log_betas))).to(tl.float32)
     bc2_sqrt = tl.sqrt(1.0 - tl.exp(step * tl.load(log_betas + 1))).to(tl.float32)
 
-    m = m + (1.0 - beta1) * (g - m)  # lerp, as torch
-    v = v * beta2 + (1.0 - beta2) * g * g
-    if AMSGRAD:
-        vmax_ptr = tl.load(vmax_ptrs + t).to(tl.pointer_type(DTYPE))
-        vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
-        tl.store(vmax_ptr + offs, vmax.to(DTYPE), mask=mask)
-        vhat = vmax
-    else:
-        vhat = v
-    u = (m / bc1) / (tl.sqrt(vhat) / bc2_sqrt + eps)  # û = m̂ / (√v̂ + ε)
-    u = tl.where(mask, u, 0.0)
-
-    tl.store(partials + pid * 3 + 0, tl.sum(w * u, axis=0))
-    tl.store(partials + pid * 3 + 1, tl.sum(u * u, axis=0))
-    tl.store(partials + pid * 3 + 2, tl.sum(w * w, axis=0))
-
-    w_new = w * (1.0 - lr * weight_decay) - lr * u
-    tl.store(p_ptr + offs, w_new.to(DTYPE), mask=mask)
-    tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
-    tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
+    # Elements in this block: BLOCK, fewer in a tensor's last block, none after found_inf (clamped at 0 so that the
+    # int32 conversion cannot wrap for blocks past 2^31 elements).
+    rem = tl.maximum(tl.minimum(n - start, BLOCK), 0)
+    ty = tl.pointer_type(DTYPE)
+    # 16-byte accesses need every stream 16-byte aligned (torch allocates at 512 bytes, but a view with a storage
+    # offset may not be) and a mask constant over each group of VEC elements (a full block, or a tail whose length
+    # is a multiple of VEC). Decided per tensor, here, for what this step passes (a gradient may be a view): the
+    # other tensors of the bucket keep the fast path, and nothing on the host can go stale.
+    if ((addr_bits % VECTOR_BYTES) == 0) & ((rem % VEC) == 0):
+        # Hazard: tl.multiple_of marks the operation that defines its argument, so each hint goes on an operation
+        # created in this branch; hinting p_addr or rem themselves would make the fallback assume alignment too.
+        s_wu, s_uu, s_ww = _step_block(
+            tl.multiple_of(p_addr.to(ty), VECTOR_BYTES) + start,
+            tl.multiple_of(g_addr.to(ty), VECTOR_BYTES) + start,
+            tl.multiple_of(m_addr.to(ty), VECTOR_BYTES) + start,
+            tl.multiple_of(v_addr.to(ty), VECTOR_BYTES) + start,
+            tl.multiple_of(vmax_addr.to(ty), VECTOR_BYTES) + start,
+            tl.multiple_of(rem.to(tl.int32), VEC), grad_scale_ptr, grad_sign, lr, bc1, bc2_sqrt, weight_decay,
+            beta1, beta2, eps, DTYPE, AMSGRAD, HAS_SCALE, BLOCK,
+        )  # fmt: skip
+    else:  # misaligned, or the ragged tail of a tensor whose size is not a multiple of VEC: element by element
+        s_wu, s_uu, s_ww = _step_block(
+            p_addr.to(ty) + start, g_addr.to(ty) + start, m_addr.to(ty) + start, v_addr.to(ty) + start,
+            vmax_addr.to(ty) + start, rem.to(tl.int32), grad_scale_ptr, grad_sign, lr, bc1, bc2_sqrt, weight_decay,
+            beta1, beta2, eps, DTYPE, AMSGRAD, HAS_SCALE, BLOCK,
+        )  # fmt: skip
+    tl.store(partials + pid * 3 + 0, s_wu)
+    tl.store(partials + pid * 3 + 1, s_uu)
+    tl.store(partials + pid * 3 + 2, s_ww)
 
 
 @triton.jit
@@ -116,6 +181,10 @@ def _sum_partials(partials, first_block, n_blocks, out, CHUNK: tl.constexpr):
     tl.store(out + t * 3 + 1, tl.sum(acc1, axis=0))
     tl.store(out + t * 3 + 2, tl.sum(acc2, axis=0))
 
+
+#: Compiler options of both launches. Contraction into FMA is what the kernels were validated with on GPU (Triton's
+#: default up to 3.9, which changes it in 3.10): pinned, so that a Triton upgrade cannot move the numerics.
+_COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -158,6 +227,7 @@ class LaunchPlan:
         self.programs = len(owner)
         self.betas: tuple[float, float] | None = None
         self.log_betas: Tensor | None = None
+        self.zero = torch.zeros(1, device=device)  # found_inf without GradScaler, grad_scale's unread stand-in
 
     def set_grads(self, grads: list[Tensor]) -> Tensor:
         key = tuple(g.data_ptr() for g in grads)
@@ -194,8 +264,9 @@ def fused_adamw_reduce(
     """AdamW step of one (device, dtype) bucket in place; returns ``[T, 3]`` float64 (⟨W,û⟩, ‖û‖², ‖W‖²).
 
     ``steps`` is a float32 device tensor [T] of step counts *after* this step's increment. All tensors must be
-    contiguous and share the params' dtype (fp32, bf16 or fp16; math in fp32). Pass the returned plan back in to
-    skip rebuilding the device tables while the tensors stay the same.
+    contiguous and share the params' dtype (fp32, bf16 or fp16; math in fp32); any alignment works (16-byte
+    aligned tensors get vectorised accesses). Pass the returned plan back in to skip rebuilding the device tables
+    while the tensors stay the same.
     """
     device, dtype = params[0].device, params[0].dtype
     if dtype not in _DTYPES:
@@ -211,20 +282,27 @@ def fused_adamw_reduce(
         plan = LaunchPlan(static)
     p_ptrs, m_ptrs, v_ptrs, vmax_ptrs = plan.ptrs
     g_ptrs = plan.set_grads(grads)
-    lr_t = lr.reshape(1).to(device) if isinstance(lr, Tensor) else torch.full((1,), lr, device=device)
+    # lr in fp32 on the host, as the kernel would convert it (round to nearest): a float64 lr tensor is no variant.
+    if isinstance(lr, Tensor):
+        lr_t = lr.reshape(1).to(device=device, dtype=torch.float32)
+    else:
+        lr_t = torch.full((1,), lr, dtype=torch.float32, device=device)
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and (t.dtype != torch.float32 or t.numel() != 1):
+            raise TypeError(f"{name} must be a one-element float32 tensor (as GradScaler passes it), got {t.dtype} "
+                            f"of shape {tuple(t.shape)}")  # fmt: skip
     if plan.betas != (beta1, beta2):
         plan.log_betas = torch.tensor([math.log(beta1), math.log(beta2)], dtype=torch.float64, device=device)
         plan.betas = (beta1, beta2)
-    dummy = torch.zeros(1, device=device)
     partials = torch.empty(plan.programs, 3, dtype=torch.float32, device=device)
     _adamw_block[(plan.programs,)](
         plan.block_tensor, plan.block_start, p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, plan.numels, steps,
-        plan.log_betas, lr_t,
-        grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
-        partials, float(weight_decay), float(beta1), float(beta2), float(eps),
-        DTYPE=_DTYPES[dtype], AMSGRAD=amsgrad, MAXIMIZE=maximize, HAS_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK,
+        plan.log_betas, lr_t, plan.zero if grad_scale is None else grad_scale,
+        plan.zero if found_inf is None else found_inf, partials, -1.0 if maximize else 1.0,
+        float(weight_decay), float(beta1), float(beta2), float(eps),
+        DTYPE=_DTYPES[dtype], AMSGRAD=amsgrad, HAS_SCALE=grad_scale is not None, BLOCK=BLOCK,
+        **_COMPILE_OPTIONS,
     )  # fmt: skip
     out = torch.empty(len(params), 3, dtype=torch.float64, device=device)
-    _sum_partials[(len(params),)](partials, plan.first_block, plan.n_blocks, out, CHUNK=64)
+    _sum_partials[(len(params),)](partials, plan.first_block, plan.n_blocks, out, CHUNK=64, **_COMPILE_OPTIONS)
     return out, plan

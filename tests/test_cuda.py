@@ -76,3 +76,39 @@ def test_cuda_triton_kernel_is_deterministic_and_graph_capturable():
         graph.replay()
     r = opt.read_forces()
     assert (r.steps == 4).all() and r.interval[:, 1].min() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernel_misaligned_views_and_ragged_tails(dtype):
+    # On a GPU a wrong alignment decision is a fault ("misaligned address"), not a wrong number. Views off a 16-byte
+    # boundary and tails that are not a multiple of 16 bytes must run element by element, with the arithmetic of the
+    # 16-byte path: elements within one rounding of the aligned run (expected equal), reductions within fp32
+    # summation order (the two paths add a block in different orders).
+    from instrumented_adamw.triton_adamw import fused_adamw_reduce
+
+    sizes = (2048, 1032, 4810, 1500, 5)  # full blocks, 16-byte tails, ragged tails, a tensor smaller than a block
+    gen = torch.Generator().manual_seed(0)
+    values = [[0.02 * torch.randn(n, generator=gen) for n in sizes] for _ in range(2)]  # params, grads
+    runs = []
+    for misalign in (False, True):
+
+        def place(t, misalign=misalign):
+            buf = torch.zeros(t.numel() + int(misalign), dtype=dtype, device="cuda")
+            view = buf[int(misalign) :]
+            view.copy_(t)
+            return view
+
+        ps, gs = ([place(t) for t in ts] for ts in values)
+        ms, vs, vmaxs = ([place(torch.zeros(n)) for n in sizes] for _ in range(3))
+        assert all(bool(p.data_ptr() % 16) == misalign for p in ps)
+        plan = None
+        for step in range(1, 4):
+            out, plan = fused_adamw_reduce(ps, gs, ms, vs, vmaxs, torch.full((len(sizes),), float(step), device="cuda"),
+                                           lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.999, eps=1e-8, amsgrad=True,
+                                           maximize=False, plan=plan)  # fmt: skip
+        torch.cuda.synchronize()
+        runs.append((out, [t.float() for ts in (ps, ms, vs, vmaxs) for t in ts]))
+    rtol = 2.0**-23 if dtype == torch.float32 else 2.0**-8  # one rounding of the stored dtype
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-30)
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-6, atol=1e-12)

@@ -4,7 +4,9 @@ Bounds: parameters and moments within fp32 rounding of torch's AdamW arithmetic 
 corrections in float64 as torch's), so elements may differ by a few ulp per step; after 30 fp32 steps we assert
 1e-5 relative to float64 and to torch's fused AdamW. bf16: one step within one rounding of torch's fused AdamW
 (the interpreter rounds bf16 toward zero, GPUs to nearest even). Reductions: 1e-5 relative of a float64 reference
-for ‖û‖² and ‖W‖², 1e-5 of √(‖W‖²‖û‖²) for ⟨W,û⟩. Two runs: bitwise equal.
+for ‖û‖² and ‖W‖², 1e-5 of √(‖W‖²‖û‖²) for ⟨W,û⟩. Two runs, and misaligned views against aligned tensors (the
+kernel's element-by-element path against its 16-byte one, same arithmetic): bitwise equal. What the GPU compiler
+makes of both paths is checked in tests/test_kernel_ptx.py.
 """
 
 from __future__ import annotations
@@ -25,18 +27,27 @@ from helpers import make_params, param_groups, reference_reductions, set_grads  
 from instrumented_adamw import InstrumentedAdamW  # noqa: E402
 from instrumented_adamw.triton_adamw import fused_adamw_reduce  # noqa: E402
 
-SHAPES = [(37, 130), (5,), (1,), (1500,), (0,)]  # full blocks, tails, one element, empty
+# Against BLOCK = 1024: full blocks only; a tail of 8 (16 bytes in bf16); tails that are a multiple of 16 bytes in
+# fp32 but not in bf16 (1500) or in neither (4810, 5); one element; empty. Aligned tensors take the kernel's 16-byte
+# path wherever the block allows it, the rest goes element by element.
+SHAPES = [(2048,), (1032,), (37, 130), (5,), (1,), (1500,), (0,)]
 
 
-def tensors(dtype, seed=0):
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a view one element into a larger buffer: 2 or 4 bytes off every 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    assert view.is_contiguous() and (view.data_ptr() % 16 or not t.numel())  # an empty tensor has no address
+    return view
+
+
+def tensors(dtype, seed=0, misalign=()):
+    """Params, exp_avg, exp_avg_sq, max_exp_avg_sq; the lists named in ``misalign`` (0-3) hold misaligned views."""
     g = torch.Generator().manual_seed(seed)
     params = [(0.02 * torch.randn(s, generator=g)).to(dtype) for s in SHAPES]
-    return (
-        params,
-        [torch.zeros_like(p) for p in params],
-        [torch.zeros_like(p) for p in params],
-        [torch.zeros_like(p) for p in params],
-    )
+    lists = [params] + [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    return tuple([misaligned(t) for t in ts] if i in misalign else ts for i, ts in enumerate(lists))
 
 
 def reference_step(p, g, m, v, vmax, step, lr, wd, b1, b2, eps, amsgrad, maximize):
@@ -132,6 +143,61 @@ def test_two_runs_are_bitwise_identical_and_found_inf_skips():
         and not out.any()
         and not any(m.any() for m in ms)
     )
+
+
+def run_steps(ps, ms, vs, vmaxs, grads, steps=2, maximize=False, **kw):
+    """A few fused steps (amsgrad, so that every stream moves); returns the last reductions."""
+    plan = out = None
+    for step in range(1, steps + 1):
+        out, plan = fused_adamw_reduce(ps, grads, ms, vs, vmaxs, torch.full((len(ps),), float(step)), lr=3e-3,
+                                       weight_decay=0.1, beta1=0.9, beta2=0.999, eps=1e-8, amsgrad=True,
+                                       maximize=maximize, plan=plan, **kw)  # fmt: skip
+    return out
+
+
+def bitwise_equal(lists_a, lists_b) -> bool:
+    return all(torch.equal(a, b) for xs, ys in zip(lists_a, lists_b, strict=True) for a, b in zip(xs, ys, strict=True))
+
+
+def make_grads(ps, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(p.float() * 0.5 + 0.05 * torch.randn(p.shape, generator=g)).to(p.dtype) for p in ps]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where", ["params", "grads", "moments", "every_other_tensor"])
+def test_misaligned_tensors_give_the_aligned_result(dtype, where):
+    # The kernel decides per tensor: all streams 16-byte aligned (and a block whose mask is constant over 16 bytes)
+    # take the vectorised path, the rest the element-by-element one; views off a 16-byte boundary (a slice of a
+    # larger buffer) must work and, the arithmetic being the same, give the same bits as aligned tensors.
+    ps, ms, vs, vmaxs = tensors(dtype)
+    grads = make_grads(ps)
+    out = run_steps(ps, ms, vs, vmaxs, grads)
+    lists = tensors(dtype)
+    grads_off = make_grads(lists[0])
+    if where == "grads":
+        grads_off = [misaligned(g) for g in grads_off]
+    elif where == "every_other_tensor":  # one bucket, both paths
+        lists = tuple([misaligned(t) if i % 2 else t for i, t in enumerate(ts)] for ts in lists)
+        grads_off = [misaligned(g) if i % 2 else g for i, g in enumerate(grads_off)]
+    else:
+        lists = tensors(dtype, misalign={"params": (0,), "moments": (1, 2, 3)}[where])
+    out_off = run_steps(*lists, grads_off)
+    assert torch.equal(out, out_off) and bitwise_equal((ps, ms, vs, vmaxs), lists)
+
+
+def test_grad_scale_divides_and_a_clear_found_inf_steps():
+    # GradScaler: gradients scaled by 2^k and unscaled in the kernel give exactly the unscaled step (division by a
+    # power of two is exact); found_inf = 0 lets the step through.
+    ps, ms, vs, vmaxs = tensors(torch.float32)
+    grads = make_grads(ps)
+    out = run_steps(ps, ms, vs, vmaxs, grads)
+    scaled = tensors(torch.float32)
+    out_scaled = run_steps(*scaled, [g * 1024.0 for g in grads], grad_scale=torch.tensor([1024.0]),
+                           found_inf=torch.tensor([0.0]))  # fmt: skip
+    assert torch.equal(out, out_scaled) and bitwise_equal((ps, ms, vs, vmaxs), scaled)
+    with pytest.raises(TypeError, match="grad_scale must be a one-element float32 tensor"):
+        run_steps(*scaled, grads, grad_scale=torch.tensor([2.0], dtype=torch.float64))
 
 
 def test_optimizer_fused_path_uses_the_kernel(monkeypatch):
