@@ -10,9 +10,13 @@ from __future__ import annotations
 import os
 import tempfile
 
+import torch
+
 # Triton reads TRITON_INTERPRET when it is first imported, and torch.compile imports it (inductor) in whatever
-# test runs first: set it for the whole session so the kernel tests run on CPU tensors whatever the order.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# test runs first: without a GPU, set it for the whole session so the kernel tests run on CPU tensors whatever the
+# order. With a GPU it stays unset: tests/test_cuda.py must compile the kernel for the device.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _HOME = tempfile.mkdtemp(prefix="instrumented-adamw-tests-")
 for var, sub in (
