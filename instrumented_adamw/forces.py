@@ -33,7 +33,10 @@ _LAST_FINITE = _NONFINITE + 1  # 1.0 if the last recorded step was finite
 # books cannot close: the residual is reported as undefined (NaN) instead of as a misleading number.
 _UNMEASURED = _LAST_FINITE + 1
 _UNMEASURED_SINCE_LAST = _UNMEASURED + 1  # unmeasured steps after the last measured one (closes ``last_residual``)
-_WIDTH = _UNMEASURED_SINCE_LAST + 1
+# 1.0 once a read has set the interval's starting ‖W‖² from its exact (float64) norm; until then (the first
+# interval) the first measured step's own ‖W‖² reduction stands in.
+_START_KNOWN = _UNMEASURED_SINCE_LAST + 1
+_WIDTH = _START_KNOWN + 1
 
 #: Quantities that are sums over the elements of a tensor (everything but the per-step hyperparameters), so a
 #: sharded tensor's value is the sum of its shards' values.
@@ -154,7 +157,7 @@ class ForceStats:
         new = block.clone()
         new[:, _LAST] = torch.where(recorded[:, None], values, block[:, _LAST])
         new[:, _SUM] = block[:, _SUM] + torch.where(valid[:, None], values[:, :_NQ], 0.0)
-        first = valid & (block[:, _STEPS] == 0)
+        first = valid & (block[:, _STEPS] == 0) & (block[:, _START_KNOWN] == 0)
         new[:, _START_W_SQ] = torch.where(first, values[:, 2], block[:, _START_W_SQ])
         new[:, _STEPS] = block[:, _STEPS] + valid.double()
         new[:, _NONFINITE] = block[:, _NONFINITE] + (recorded & ~finite).double()
@@ -181,9 +184,15 @@ class ForceStats:
             self._index_cache[("unmeasured",)] = cols
         return cols
 
-    def reset_interval(self) -> None:
+    def reset_interval(self, w_sq_now: Tensor | None = None) -> None:
+        """Start a new interval; ``w_sq_now`` (each row's exact ‖W‖² at this read) is where its books open."""
         self.table[:, _SUM] = 0.0
-        self.table[:, _START_W_SQ] = 0.0
+        if w_sq_now is None:
+            self.table[:, _START_W_SQ] = 0.0
+            self.table[:, _START_KNOWN] = 0.0
+        else:
+            self.table[:, _START_W_SQ] = w_sq_now.to(self.table)
+            self.table[:, _START_KNOWN] = 1.0
         self.table[:, _STEPS] = 0.0
         self.table[:, _NONFINITE] = 0.0
         self.table[:, _UNMEASURED] = 0.0
@@ -222,7 +231,8 @@ class ForceReadout:
         force_cols = [QUANTITIES.index(f) for f in FORCES]
         unmeasured = table[:, _UNMEASURED].astype(np.int64)
         with np.errstate(invalid="ignore"):
-            closes = (steps > 0) & (unmeasured == 0)
+            # Books close over an interval of measured steps only; with no step, its start is known only from a read.
+            closes = (unmeasured == 0) & ((steps > 0) | (table[:, _START_KNOWN] > 0))
             residual = np.where(closes, w_sq_now - table[:, _START_W_SQ] - interval[:, force_cols].sum(axis=1), np.nan)
             last_residual = np.where(
                 table[:, _UNMEASURED_SINCE_LAST] == 0, w_sq_now - last[:, 2] - last[:, force_cols].sum(axis=1), np.nan

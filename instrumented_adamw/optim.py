@@ -15,7 +15,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach, _to_scalar, _use
 
 from .forces import ForceReadout, ForceStats, additive_columns, forces_from_reductions
 from .functional import Arena, delegated_adamw, multi_tensor_adamw, single_tensor_adamw
-from .reductions import dot_f64
+from .reductions import sq_norm_exact
 
 WEIGHT_DECAY_SCHEDULES = ("lr", "lr_squared")
 #: Names given to tensors passed without names (``model.parameters()``); the monitor renames them from the model.
@@ -604,7 +604,7 @@ class InstrumentedAdamW(torch.optim.AdamW):
                 continue
             local = [_local(p) for p in self._tracked_params[device]]
             real = [torch.view_as_real(p) if p.is_complex() else p for p in local]
-            w_sq = torch.stack([dot_f64(r, r) for r in real])
+            w_sq = torch.stack([sq_norm_exact(r) for r in real])  # float64: the residual is a small difference
             packed = torch.cat((stats.table, w_sq[:, None]), dim=1)
             if any(self._sharded_rows[device]):
                 packed = self._combine_shards(packed, device)
@@ -613,7 +613,7 @@ class InstrumentedAdamW(torch.optim.AdamW):
             tables.append(host[:, :-1])
             w_now.append(host[:, -1])
             if reset:
-                stats.reset_interval()
+                stats.reset_interval(w_sq)  # local (per-shard) norms: START_W_SQ adds up across ranks
         if not names:
             return ForceReadout.empty()
         return ForceReadout.from_tables(names, np.concatenate(tables), np.concatenate(w_now))

@@ -59,6 +59,29 @@ def test_spline_recovery_is_exact_for_cubic_paths():
     assert np.max(np.abs(naive / true - 1)) > 1e-3  # the baseline is not exact on curved paths
 
 
+def test_lr_time_recovery_is_exact_for_paths_cubic_in_cumulative_lr():
+    # Each step moves W by an amount ∝ η_t: paths cubic in u(t) = Σ_{r<t} η_r. The lr_time spline is exact on
+    # them (the step-index spline is not, when η moves), so a wrong time axis or a shifted η index fails here.
+    g = torch.Generator().manual_seed(1)
+    coef = [torch.randn(200, 30, generator=g, dtype=torch.float64) * s for s in (1.0, 5.0, -20.0, 40.0)]
+    lr = lambda s: 1e-3 * (1 + 0.8 * math.sin(s / 40))  # noqa: E731
+    cum = A._cumulative_lr(lr, 600)
+
+    def w(t):
+        return sum(c * float(cum[t]) ** i for i, c in enumerate(coef))
+
+    knots = [0, 100, 200, 300, 400, 500, 600]
+    steps = [150, 250, 420, 600]
+    wd = lambda s: 0.05 + 0.01 * (s % 3)  # noqa: E731 - λ_t varies too, and must be taken at t − 1
+    true = np.array([float(2 * ((w(t) - w(t - 1)) * w(t - 1)).sum() + 2 * lr(t - 1) * wd(t - 1) * (w(t - 1) ** 2).sum())
+                     for t in steps])  # fmt: skip
+    ws = [w(k) for k in knots]
+    rec = A.recover_alignment(knots, ws, steps, lr, wd, method="lr_time", cum_lr=lambda s: float(cum[s]))
+    np.testing.assert_allclose(rec, true, rtol=1e-8)
+    in_steps = A.recover_alignment(knots, ws, steps, lr, wd, method="spline")
+    assert np.max(np.abs(in_steps / true - 1)) > 1e-4  # the step-index spline is not exact here
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("analysis")
@@ -115,10 +138,28 @@ def test_robustness_analyses(run):
     a, i, d = abs(2e-4 * (w64[keep] * u64[keep]).sum()), 1e-8 * (u64[keep] ** 2).sum(), 2e-5 * (w64[keep] ** 2).sum()
     assert out["without_top"] == pytest.approx((100 * a / (a + i + d), 100 * i / (a + i + d), 100 * d / (a + i + d)))
     assert out["without_top"] != out["all"]
+    # RMS budget: each force over 2·RMS·numel·steps, recomputed from the per-tensor records (numel summed there).
     rms = A.rms_budget(run, cls="QKV")
-    assert len(rms["step"]) == 20 and np.all(rms["inject"] > 0) and np.all(rms["decay"] < 0)
+    forces = load_run(run).forces
+    assert list(rms["step"]) == [r["step"] for r in forces] and len(rms["step"]) == 20
+    for i, rec in enumerate(forces):
+        qkv = [t for t in rec["tensors"].values() if t["cls"] == "QKV"]
+        numel = sum(t["numel"] for t in qkv)
+        c = rec["classes"]["QKV"]
+        for key in ("align", "inject", "decay"):
+            want = sum(t[key] for t in qkv) / (2 * c["rms"] * numel * c["steps"])
+            assert rms[key][i] == pytest.approx(want, rel=1e-9), (rec["step"], key)
+    assert np.all(rms["inject"] > 0) and np.all(rms["decay"] < 0)
+    # Depth ratio: median λ per layer from the last fits, deepest over shallowest.
     depth = A.depth_ratio(run)
-    assert set(depth["lam_per_layer"]) == {0, 1} and depth["deep_over_shallow"] > 0
+    last = load_run(run).weibull[-1]
+    per_layer = {}
+    for b in last["blocks"]:
+        if b["cls"] == "Transmission":
+            per_layer.setdefault(b["layer"], []).append(b["lam"])
+    medians = {layer: float(np.median(v)) for layer, v in per_layer.items()}
+    assert depth["lam_per_layer"] == pytest.approx(medians, rel=1e-12)
+    assert depth["deep_over_shallow"] == pytest.approx(medians[1] / medians[0], rel=1e-12)
 
 
 def test_checkpoint_trajectory_from_local_hf_checkpoints(run):
@@ -137,6 +178,19 @@ def test_checkpoint_trajectory_from_local_hf_checkpoints(run):
     assert traj["lam"][2] == pytest.approx(logged["lam"], rel=1e-12)  # same protocol, same weights
     assert set(out["recovered_align"]) == set(A.SPLINE_METHODS)
     assert len(out["recovered_align"]["spline"][name]) == 4 and math.isfinite(out["bridge_log_rmse"])
+    # Two-point baseline, recomputed: F_a(t) ≈ 2⟨W_a, (W_b − W_a)/(b − a)⟩ + 2η̄λ‖W_a‖² over each bracket [a, b].
+    from safetensors.torch import load_file
+
+    ws = {s: load_file(p / "model.safetensors")[name].double() for s, p in sources.items()}
+    etas = [lr(s) for s in range(201)]
+    for i, (a, b) in enumerate(zip([0, 50, 100, 150], [50, 100, 150, 200], strict=True)):
+        eta = float(np.mean([(etas[s] + etas[s + 1]) / 2 for s in range(a, b - 1)]))
+        want = 2 * ((ws[b] - ws[a]) / (b - a) * ws[a]).sum() + 2 * eta * cfg.optim.weight_decay * (ws[a] ** 2).sum()
+        assert out["recovered_align"]["two_point"][name][i] == pytest.approx(float(want), rel=1e-9)
+    # The bridge: λ predicted from each checkpoint's RMS at the first checkpoint's λ/RMS, against the fitted λ.
+    lam, rms_ = np.array(traj["lam"]), np.array(traj["rms"])
+    assert traj["rms"][0] == pytest.approx(float(ws[0].pow(2).mean().sqrt()), rel=1e-7)  # fp32-row reductions
+    assert np.isfinite(lam).all() and out["bridge_log_rmse"] >= 0 and rms_[-1] > rms_[0]
 
 
 def test_published_pythia_checkpoints_offline_error(monkeypatch):

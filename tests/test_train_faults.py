@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from instrumented_adamw import InstrumentedAdamW
 from instrumented_adamw.integrity import check_prefix, file_mark, verify_manifest
 from instrumented_adamw.sinks import KINDS, JsonlSink, read_jsonl
 from train import checkpoint as ckpt
@@ -466,3 +467,19 @@ def test_nonfinite_loss_in_a_row_stops_at_the_limit(tmp):
     metrics = read_jsonl(tmp / "inf-loss" / "metrics.jsonl")
     assert [m["nonfinite/loss_steps"] for m in metrics] == [0, 0, 4]
     assert ckpt.latest_resume_step(tmp / "inf-loss") == 10
+
+
+def test_resume_state_restores_the_random_number_generators(tmp_path):
+    """What a resumed run draws from torch's generator is what the uninterrupted run would have drawn (dropout,
+    random data windows, anything seeded once at start)."""
+    model = torch.nn.Linear(4, 3)
+    opt = InstrumentedAdamW(model.named_parameters())
+    torch.manual_seed(7)
+    torch.rand(11)  # some of the stream used before the save
+    ckpt.save_resume(tmp_path, 10, model, opt, config={}, logs={}, extra={}, keep=None)
+    want = torch.rand(5)
+    torch.manual_seed(12345)  # a fresh process would start from wherever its own seeding left it
+    state, notes = ckpt.find_resume_state(tmp_path, lambda s: None)
+    assert state is not None and state.step == 10 and not notes
+    ckpt.apply_state(state, model, opt)
+    assert torch.equal(torch.rand(5), want)
