@@ -89,8 +89,21 @@ def test_kernel_matches_float64_reference(amsgrad, maximize, dtype=torch.float32
                                        weight_decay=wd, beta1=b1, beta2=b2, eps=eps, amsgrad=amsgrad,
                                        maximize=maximize, plan=plan)  # fmt: skip
         for i in range(len(ps)):
-            reference_step(ref[0][i], grads[i].double(), ref[1][i], ref[2][i], ref[3][i], step, lr, wd, b1, b2, eps,
-                           amsgrad, maximize)  # fmt: skip  (the independent float64 trajectory, checked at the end)
+            reference_step(
+                ref[0][i],
+                grads[i].double(),
+                ref[1][i],
+                ref[2][i],
+                ref[3][i],
+                step,
+                lr,
+                wd,
+                b1,
+                b2,
+                eps,
+                amsgrad,
+                maximize,
+            )  # fmt: skip  (the independent float64 trajectory, checked at the end)
             red = reference_step(own[0][i], grads[i].double(), own[1][i], own[2][i], own[3][i], step, lr, wd, b1,
                                  b2, eps, amsgrad, maximize)  # fmt: skip
             wu, uu, ww = out[i].tolist()
