@@ -191,3 +191,24 @@ def test_a_cache_entry_cut_short_by_a_kill_is_rebuilt_not_served(tmp_path):
     assert len(calls) == 4  # built once, then rebuilt after each damage
     D.cached_tokens(tmp_path, spec, produce)
     assert len(calls) == 4  # an intact entry is reused
+
+
+def test_study_tokenizer_is_byte_level_deterministic_and_has_no_unknown_bucket(corpus, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from train.tokenizer import EOS, main
+
+    cfg = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    args = [str(cfg), "data.source=local", f"data.train_files=[{corpus / 'train' / '*'}]", "--vocab", "600"]
+    assert main([args[0], str(tmp_path / "a.json"), *args[1:]]) == 0
+    assert main([args[0], str(tmp_path / "b.json"), *args[1:]]) == 0
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()  # deterministic
+    tok = HFTokenizer.from_file(str(tmp_path / "a.json"))
+    assert 257 < tok.get_vocab_size() <= 600 and tok.token_to_id(EOS) == 0  # a tiny corpus has fewer merges
+    text = "Ünïcode never seen in training: 日本語, emoji 🙂, tabs\tand <unk> stay text."
+    ids = tok.encode(text).ids
+    assert tok.decode(ids) == text  # every byte has an encoding: nothing falls into an unknown bucket
+    assert tok.model.unk_token is None
+    loaded = D.load_tokenizer(str(tmp_path / "a.json"))
+    assert loaded.eos_id == 0
+    assert main([str(cfg), str(tmp_path / "c.json")]) == 2  # the demo config has no local files to learn from
