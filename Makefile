@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Extra requirement installed before the package, e.g. TORCH_SPEC=torch==2.13.0 for a specific wheel (CI does).
 TORCH_SPEC ?=
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench mutate clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ lint: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/optimizer_step_cpu.py
+
+# Mutation testing of the core modules (hours on 2 cores; not in CI): kill rates and survivors for docs/testing.md.
+mutate: $(BIN)/.installed
+	$(BIN)/python tools/mutate.py --jobs 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache

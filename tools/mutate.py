@@ -1,0 +1,258 @@
+"""Mutation testing of the library's core modules: ``python tools/mutate.py [MODULE ...] [--jobs N]``.
+
+Each mutant is one small deliberate bug — an arithmetic or comparison operator swapped, a boolean flipped, a
+constant nudged, a call statement removed — made in a copy of the repository, and run against the tests that
+exercise that module (``-x``: the first failing test kills it). A mutant that survives is a bug the suite would
+not notice. Results go to ``mutants/report.json`` and a summary table for ``docs/testing.md``.
+
+Why our own harness: the operators skip what a test cannot meaningfully pin (strings, docstrings, messages,
+logging), each module runs against the test files that cover it, and mutants run in parallel copies that import
+the mutated module from the copy (the editable install's finder comes after ``PYTHONPATH`` on ``sys.path``).
+Not part of CI (hours on 2 cores); run before a release (``make mutate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Module -> the test files that cover it, fastest and most sensitive first (``-x`` stops at the first failure).
+TARGETS = {
+    "instrumented_adamw/forces.py": [
+        "tests/test_behaviour.py", "tests/test_dropin.py", "tests/test_monitor_aggregates.py", "tests/test_parity.py",
+    ],
+    "instrumented_adamw/optim.py": [
+        "tests/test_behaviour.py", "tests/test_dropin.py", "tests/test_torch_optim_db.py", "tests/test_parity.py",
+        "tests/test_steady_state.py",
+    ],
+    "instrumented_adamw/functional.py": [
+        "tests/test_behaviour.py", "tests/test_parity.py", "tests/test_torch_optim_db.py", "tests/test_dropin.py",
+    ],
+    "instrumented_adamw/monitor.py": [
+        "tests/test_monitor_aggregates.py", "tests/test_steady_state.py", "tests/test_dropin.py",
+        "tests/test_monitor.py",
+    ],
+    "instrumented_adamw/weibull.py": [
+        "tests/test_weibull.py", "tests/test_weibull_parity.py", "tests/test_diagnostics.py",
+    ],
+    "train/checkpoint.py": ["tests/test_train_faults.py", "tests/test_train_loop.py"],
+}  # fmt: skip
+
+#: Calls whose removal or mutation a test cannot observe by design (output for people, not for programs).
+_SILENT_CALLS = {"print", "warn", "warning", "info", "debug", "write_text_note"}
+_SWAP = {
+    ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult,
+    ast.FloorDiv: ast.Div, ast.Mod: ast.FloorDiv,
+    ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
+    ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.And: ast.Or, ast.Or: ast.And,
+}  # fmt: skip
+
+
+@dataclass
+class Mutant:
+    module: str
+    index: int
+    line: int
+    kind: str
+    before: str
+    after: str
+    status: str = "pending"  # killed | survived | timeout | error
+    seconds: float = 0.0
+    killer: str = ""
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                ids.add(id(first))
+    return ids
+
+
+def _skippable(node: ast.AST, parents: dict[int, ast.AST], source_lines: list[str]) -> bool:
+    """Nodes inside raise/assert messages, f-strings, annotations, logging calls, or marked ``no mutate``."""
+    line = getattr(node, "lineno", None)
+    if line is not None and "pragma: no mutate" in source_lines[line - 1]:
+        return True
+    cur = node
+    while id(cur) in parents:
+        parent = parents[id(cur)]
+        if isinstance(parent, (ast.JoinedStr, ast.Raise, ast.Assert)):
+            return True
+        if isinstance(parent, (ast.arg, ast.AnnAssign)) and cur is getattr(parent, "annotation", None):
+            return True
+        if isinstance(parent, ast.FunctionDef) and cur is parent.returns:
+            return True
+        if isinstance(parent, ast.Call):
+            fn = parent.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+            if name in _SILENT_CALLS:
+                return True
+        cur = parent
+    return False
+
+
+def enumerate_mutants(module: str) -> list[tuple[Mutant, ast.Module]]:
+    """Every mutant of ``module`` with its mutated tree (one change per mutant)."""
+    source = (ROOT / module).read_text()
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    skip_docs = _docstrings(tree)
+    parents = {id(child): node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    sites: list[tuple[str, int, str, str]] = []  # (kind, node position in walk order, before, after)
+    nodes = list(ast.walk(tree))
+    for pos, node in enumerate(nodes):
+        if id(node) in skip_docs or _skippable(node, parents, lines):
+            continue
+        if isinstance(node, (ast.BinOp, ast.AugAssign)) and type(node.op) in _SWAP:
+            sites.append(("operator", pos, type(node.op).__name__, _SWAP[type(node.op)].__name__))
+        elif isinstance(node, ast.Compare):
+            for k, op in enumerate(node.ops):
+                if type(op) in _SWAP:
+                    sites.append((f"compare{k}", pos, type(op).__name__, _SWAP[type(op)].__name__))
+        elif isinstance(node, ast.BoolOp) and type(node.op) in _SWAP:
+            sites.append(("boolop", pos, type(node.op).__name__, _SWAP[type(node.op)].__name__))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub)):
+            sites.append(("unary", pos, type(node.op).__name__, "drop"))
+        elif isinstance(node, ast.Constant) and not isinstance(node.value, (str, bytes)) and node.value is not None:
+            if isinstance(node.value, bool):
+                sites.append(("constant", pos, repr(node.value), repr(not node.value)))
+            elif isinstance(node.value, int):
+                sites.append(("constant", pos, repr(node.value), repr(node.value + 1)))
+            elif isinstance(node.value, float):
+                sites.append(("constant", pos, repr(node.value), repr(node.value * 2 if node.value else 1.0)))
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            sites.append(("remove_call", pos, ast.unparse(node)[:60], "pass"))
+    out = []
+    for index, (kind, pos, before, after) in enumerate(sites):
+        mutated = copy.deepcopy(tree)
+        target = list(ast.walk(mutated))[pos]
+        _apply(target, kind, after)
+        line = getattr(nodes[pos], "lineno", 0)
+        out.append((Mutant(module, index, line, kind, before, after), mutated))
+    return out
+
+
+def _apply(node: ast.AST, kind: str, after: str) -> None:
+    if kind in ("operator", "boolop"):
+        node.op = getattr(ast, after)()
+    elif kind.startswith("compare"):
+        node.ops[int(kind[7:])] = getattr(ast, after)()
+    elif kind == "unary":
+        node.op = ast.UAdd()  # -x -> +x; not x -> +x, which has x's truth value: the negation is gone
+    elif kind == "constant":
+        node.value = eval(after)  # noqa: S307 - our own repr of a literal
+    elif kind == "remove_call":
+        node.value = ast.Constant(value=None)
+
+
+def run_mutant(mutant: Mutant, tree: ast.Module, workdir: Path, tests: list[str], timeout: float) -> Mutant:
+    target = workdir / mutant.module
+    original = target.read_text()
+    target.write_text(ast.unparse(ast.fix_missing_locations(tree)) + "\n")
+    env = dict(os.environ, PYTHONPATH=str(workdir), PYTHONDONTWRITEBYTECODE="1")
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:logging", *tests],
+            cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        mutant.status = "survived" if done.returncode == 0 else "killed"
+        if done.returncode not in (0, 1):
+            mutant.status = "killed" if done.returncode == 2 else "error"  # 2: collection error = killed
+        failed = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+        mutant.killer = failed[0][7:90] if failed else ""
+    except subprocess.TimeoutExpired:
+        mutant.status = "timeout"  # an infinite loop or a hang: counted as killed (the suite notices)
+    finally:
+        target.write_text(original)
+    mutant.seconds = time.perf_counter() - t0
+    return mutant
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python tools/mutate.py", description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", default=list(TARGETS), help=f"default: {' '.join(TARGETS)}")
+    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="mutants run in parallel")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N mutants per module (a smoke run)")
+    parser.add_argument("--out", default=str(ROOT / "mutants"))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for j in range(args.jobs):  # one copy of the repository per worker: mutants never share a file
+        d = Path(tempfile.mkdtemp(prefix=f"mutate{j}-"))
+        for part in ("instrumented_adamw", "train", "tests", "configs", "pyproject.toml"):
+            src = ROOT / part
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, d / part)
+        copies.append(d)
+    results: list[Mutant] = []
+    try:
+        for module in args.modules:
+            tests = TARGETS[module]
+            mutants = enumerate_mutants(module)
+            if args.limit:
+                mutants = mutants[: args.limit]
+            t0 = time.perf_counter()
+            baseline = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                                      cwd=copies[0], env=dict(os.environ, PYTHONPATH=str(copies[0])),
+                                      capture_output=True, text=True)  # fmt: skip
+            if baseline.returncode != 0:
+                print(f"{module}: its tests fail without any mutant; fix them first", file=sys.stderr)
+                return 2
+            timeout = 3 * (time.perf_counter() - t0) + 60
+            print(f"{module}: {len(mutants)} mutants against {len(tests)} test files (timeout {timeout:.0f} s)")
+            free: queue.Queue[Path] = queue.Queue()
+            for d in copies:
+                free.put(d)
+
+            def task(m, tree, free=free, tests=tests, timeout=timeout):
+                workdir = free.get()  # a copy runs one mutant at a time
+                try:
+                    return run_mutant(m, tree, workdir, tests, timeout)
+                finally:
+                    free.put(workdir)
+
+            with ThreadPoolExecutor(args.jobs) as pool:
+                futures = [pool.submit(task, m, tree) for m, tree in mutants]
+                for f in futures:
+                    m = f.result()
+                    results.append(m)
+                    if m.status == "survived":
+                        print(f"  survived {m.module}:{m.line} {m.kind} {m.before} -> {m.after}")
+            (out / "report.json").write_text(json.dumps([asdict(m) for m in results], indent=1))
+    finally:
+        for d in copies:
+            shutil.rmtree(d, ignore_errors=True)
+    print(summary(results))
+    return 0
+
+
+def summary(results: list[Mutant]) -> str:
+    rows = ["| module | mutants | killed | survived | kill rate |", "|---|---|---|---|---|"]
+    for module in dict.fromkeys(m.module for m in results):
+        ms = [m for m in results if m.module == module]
+        killed = sum(m.status in ("killed", "timeout") for m in ms)
+        survived = sum(m.status == "survived" for m in ms)
+        rows.append(f"| `{module}` | {len(ms)} | {killed} | {survived} | {100 * killed / max(len(ms), 1):.1f}% |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
