@@ -263,6 +263,7 @@ class Scheduler:
         launcher: Launcher,
         *,
         max_concurrent: int = 1,
+        max_starts: int | None = None,
         measure_s: float = 20.0,
         warmup_s: float = 5.0,
         grace: float = 0.05,
@@ -278,6 +279,7 @@ class Scheduler:
         self.poll_s, self.free_gpu_gib, self.free_disk_gib, self.sleep, self.log = (
             poll_s, free_gpu_gib, free_disk_gib, sleep, log
         )  # fmt: skip
+        self.max_starts, self.started = max_starts, 0
         self.running: list[Job] = []
         self.outcomes: dict[str, Outcome] = {}
         self.reasons: dict[str, str] = {}
@@ -390,6 +392,8 @@ class Scheduler:
         if job.train_ended is not None and job.train_started is not None:
             timing["train_s"] = job.train_ended - job.train_started
             timing["post_s"] = now - job.train_ended
+        if job.eff_ms is not None:  # wall ms per step, measured with step_ms_k runs training at once
+            timing.update(step_ms=job.eff_ms, step_ms_k=job.eff_k)
         self.outcomes[job.item.name] = Outcome(job.item.name, status, reason, timing)
         if status == "done":
             if "startup_s" in timing:
@@ -426,9 +430,13 @@ class Scheduler:
             between = p.snapshot_every < p.steps  # snapshots inside the run: they slow its steps down
             if not between:
                 self.model.learn_step_ms(p.arch, job.eff_ms, "this window")
-            else:
+            elif self.model.step_ms.get(p.arch, Estimate(0, "prior")).source != "prior":
+                # the step time is known from a measurement: the rest of this run's step time is its snapshots
                 per_step_snap = job.eff_ms / 1e3 - self.model.step_s(p.arch)
                 self.model.learn_snapshot(per_step_snap * p.snapshot_every, "this window")
+            else:  # nothing measured yet: keep the snapshot prior and learn the step time net of it
+                net_ms = job.eff_ms - 1e3 * self.model.snapshot.value / p.snapshot_every
+                self.model.learn_step_ms(p.arch, max(net_ms, 0.5 * job.eff_ms), "this window")
             self._record(1, [job], 1.0)
         else:
             ratios = []
@@ -500,7 +508,10 @@ class Scheduler:
             if now >= self.budget.deadline:
                 break
             starting = any(j.phase == "starting" for j in self.running)
-            if self.pending and len(self.running) < self.max_concurrent and not starting:
+            if self.max_starts is not None and self.started >= self.max_starts:
+                for item in self.pending:
+                    self.reasons[item.name] = f"--max-runs {self.max_starts} reached"
+            elif self.pending and len(self.running) < self.max_concurrent and not starting:
                 for item in list(self.pending):
                     verdict, why = self._decide(item, now)
                     self.reasons[item.name] = why
@@ -508,6 +519,7 @@ class Scheduler:
                         self.pending.remove(item)
                         self.log(f"[runs] {item.name}: {'probe' if verdict == 'probe' else 'start'} ({why})")
                         self.running.append(Job(item, self.launcher.start(item.name), now, probe=verdict == "probe"))
+                        self.started += 1
                         break
             if not self.running:
                 break
