@@ -317,10 +317,11 @@ class Scheduler:
 
     # -- decisions
     def _decide(self, item: Item, now: float) -> tuple[str, str]:
-        """("start" | "probe" | "wait", why). A start must leave a margin (``grace`` of the time left) that the
-        enforcement does not: predictions drift between ticks, and a run started on the edge would be stopped."""
+        """("start" | "probe" | "wait", why). A run that would share the GPU must leave a margin (``grace`` of the
+        time left) that the enforcement does not: predictions drift between ticks, and a run started on the edge
+        would be stopped again. A run alone starts whenever its prediction fits."""
         left = self.budget.deadline - now
-        deadline = self.budget.deadline - self.grace * left
+        deadline = self.budget.deadline - (self.grace * left if self.running else 0.0)
         if not self.running:
             solo = self.model.solo_s(item.profile)
             if solo > left:

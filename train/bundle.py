@@ -37,6 +37,8 @@ from .campaign import NAME
 MIB = 1 << 20
 FLOAT_DIGITS = 9
 MANIFEST = "manifest.json"
+#: Room kept for manifest.json in the total (it lists pieces, timings and archives: tens of KiB).
+MANIFEST_RESERVE = 256 * 1024
 LOG = "evidence.log"
 #: Top-level folders a bundle may hold.
 PARTS = ("checks", "bench", "runs")
@@ -118,9 +120,10 @@ def pack(staging: Path, out: Path, manifest: dict[str, Any], log_text: str, limi
             dropped.append(dict(folder=rel, what="folder", why=f"{size / MIB:.1f} MiB exceeds one file's limit"))
             continue
         folders.append((rel, folder, size))
-    # Whole folders into archives, first fit in priority order; the manifest and the log take two of the files.
+    # Whole folders into archives, first fit in priority order (a folder that fits no open archive opens one while
+    # files are left); the manifest and the log take two of the files.
     slots = limits.max_files - 2
-    budget = limits.max_total_bytes - limits.log_bytes - MIB
+    budget = limits.max_total_bytes - limits.log_bytes - MANIFEST_RESERVE
     archives: list[list[tuple[str, Path, int]]] = []
     total = 0
     for rel, folder, size in folders:

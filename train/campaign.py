@@ -295,7 +295,7 @@ def run_states(campaign: Campaign, results: Path, dry_run: bool) -> list[RunStat
         committed = json.loads(record.read_text())
         cfg = resolve(campaign, run, dry_run)
         if committed.get("config_digest") == config_digest(cfg):
-            out.append(RunState(run.name, "done", f"{committed.get('device', {}).get('device_name', '?')}, "
+            out.append(RunState(run.name, "done", f"{committed.get('device', {}).get('name', '?')}, "
                                                   f"window {committed.get('window', '?')}"))  # fmt: skip
         else:
             changes = config_changes(committed.get("config", {}), cfg) or ["(digest differs)"]

@@ -65,6 +65,8 @@ CARRY = Path(".gpu/evidence")
 TOKENS = Path(".gpu/tokens")
 #: What may travel to the device machine in all: the working tree plus carried paths.
 TRAVEL_LIMIT = 64 * bundle.MIB
+#: Seconds to start the benchmark process (interpreter, torch) before its first script: counted before launching it.
+WORKER_START_S = 5.0
 
 
 def _now_iso() -> str:
@@ -317,17 +319,18 @@ def piece_bench(ctx: Ctx) -> None:
     if not todo:
         return
     limit = min(c.bench_limit_s, ctx.budget.left())
-    if limit < min(t["estimate_s"] for t in todo):
+    if limit < WORKER_START_S + min(t["estimate_s"] for t in todo):
         for t in todo:
-            ctx.piece("bench", t["name"], "skipped", f"estimated {t['estimate_s']:.0f} s > {limit:.0f} s left",
-                      estimate_s=t["estimate_s"])  # fmt: skip
+            ctx.piece("bench", t["name"], "skipped", f"estimated {WORKER_START_S:.0f} s to start the benchmark process "
+                      f"+ {t['estimate_s']:.0f} s > {limit:.0f} s left", estimate_s=t["estimate_s"])  # fmt: skip
         return
     spec_file = ctx.work / "bench_spec.json"
-    spec_file.write_text(json.dumps(dict(scripts=todo, seconds=limit), indent=1))
+    # An absolute deadline (the wall clock both processes share): the worker's own start-up counts against it.
+    spec_file.write_text(json.dumps(dict(scripts=todo, deadline=time.time() + limit), indent=1))
     t0 = time.monotonic()
     proc = Proc([sys.executable, "-m", "train.evidence", "bench-worker", str(spec_file)], ctx.work / "bench.out",
                 ctx.child_env(), ctx.root)  # fmt: skip
-    rc = proc.wait(limit + 5)  # the worker keeps to ``limit`` itself; this is the backstop
+    rc = proc.wait(limit)  # the worker keeps to the deadline itself; this is the backstop
     for t in todo:
         status_file = Path(t["out"]) / "status.json"
         if not status_file.is_file():
@@ -360,12 +363,12 @@ def bench_worker(spec_file: Path) -> int:
     import runpy
 
     spec = json.loads(spec_file.read_text())
-    deadline = time.monotonic() + float(spec["seconds"])
+    deadline = float(spec["deadline"])  # time.time() of the driver's deadline for this part
     sys.path.insert(0, str(Path("bench").resolve()))
     for t in spec["scripts"]:
         out = Path(t["out"])
         out.mkdir(parents=True, exist_ok=True)
-        left = deadline - time.monotonic()
+        left = deadline - time.time()
         if t["estimate_s"] > left:
             status = dict(status="skipped", reason=f"estimated {t['estimate_s']:.0f} s > {left:.0f} s left")
             (out / "status.json").write_text(json.dumps(status))
@@ -427,28 +430,29 @@ def timing_model(ctx: Ctx) -> TimingModel:
             rows = json.loads(result.read_text())["rows"]
             ms = next(r["ms_per_step"] for r in rows if r["variant"].startswith("InstrumentedAdamW"))
             model.learn_step_ms("gpt_neox", ms * 1.05, "bench")  # + logging, fits and evals (5%, until measured)
-    records = []
-    for f in ctx.results.glob("runs/*/run.json"):
-        with contextlib.suppress(ValueError):
-            r = json.loads(f.read_text())
-            if r.get("device", {}).get("name") == name:
-                records.append(r)
-    for r in sorted(records, key=lambda r: r.get("date", "")):
-        t = r.get("timing", {}).get("scheduler", {})
-        if "startup_s" in t:
-            model.learn_startup(t["startup_s"], "history")
-        if "post_s" in t:
-            model.learn_post(t["post_s"], bool(r.get("spline")), "history")
-        if t.get("step_ms") and t.get("step_ms_k") == 1 and not r.get("spline"):
-            model.learn_step_ms(r["config"]["model"]["arch"], t["step_ms"], "history")
-    slowdowns: dict[int, list[float]] = {}
+    # Earlier windows on this device, oldest first (the latest measurement of a kind wins): every run they started,
+    # finished or stopped, and the slowdowns they measured.
+    windows = []
     for f in ctx.results.glob("windows/*.json"):
         with contextlib.suppress(ValueError):
             w = json.loads(f.read_text())
             if w.get("device", {}).get("name") == name:
-                for m in w.get("calibration", {}).get("measurements", []):
-                    if m["k"] > 1:
-                        slowdowns.setdefault(m["k"], []).append(m["slowdown"])
+                windows.append(w)
+    slowdowns: dict[int, list[float]] = {}
+    for w in sorted(windows, key=lambda w: w["window"]):
+        for p in w.get("pieces", []):
+            t = p.get("timing") or {}
+            if p["part"] != "runs" or not t:
+                continue
+            if "startup_s" in t:
+                model.learn_startup(t["startup_s"], "history")
+            if "post_s" in t and p["status"] == "done":
+                model.learn_post(t["post_s"], bool(p.get("spline")), "history")
+            if t.get("step_ms") and t.get("step_ms_k") == 1 and not p.get("spline") and p.get("arch"):
+                model.learn_step_ms(p["arch"], t["step_ms"], "history")
+        for m in w.get("calibration", {}).get("measurements", []):
+            if m["k"] > 1:
+                slowdowns.setdefault(m["k"], []).append(m["slowdown"])
     for k, values in slowdowns.items():
         model.learn_slowdown(k, sorted(values)[len(values) // 2], "history")
     return model
@@ -547,7 +551,9 @@ def piece_runs(ctx: Ctx, only: list[str], max_runs: int | None, max_concurrent: 
         free_disk_gib=lambda: shutil.disk_usage(ctx.work).free / 2**30, log=ctx.log,
     )  # fmt: skip
     outcomes = scheduler.run()
+    profiles = {i.name: i.profile for i in items}
     for o in outcomes:
+        kind = dict(arch=profiles[o.name].arch, spline=profiles[o.name].spline)  # what history learns from
         folder = ctx.staging / "runs" / o.name
         record_file = folder / "run.json"
         if o.status == "done" and record_file.is_file():
@@ -555,7 +561,7 @@ def piece_runs(ctx: Ctx, only: list[str], max_runs: int | None, max_concurrent: 
             record["timing"]["scheduler"] = o.timing
             record_file.write_bytes(bundle.json_bytes(record))
             ctx.order.append(f"runs/{o.name}")
-            ctx.piece("runs", o.name, "done", f"{o.timing.get('wall_s', 0):.0f} s", timing=o.timing,
+            ctx.piece("runs", o.name, "done", f"{o.timing.get('wall_s', 0):.0f} s", timing=o.timing, **kind,
                       folder=f"runs/{o.name}")  # fmt: skip
             continue
         if folder.exists():
@@ -563,7 +569,7 @@ def piece_runs(ctx: Ctx, only: list[str], max_runs: int | None, max_concurrent: 
         tail = bundle.read_text_tail(ctx.work / "logs" / f"{o.name}.log", 4000) if o.name in launcher.procs else ""
         status = "failed" if o.status == "done" else o.status
         reason = o.reason or ("the worker wrote no run.json" if o.status == "done" else "")
-        ctx.piece("runs", o.name, status, reason, timing=o.timing, output_tail=tail)
+        ctx.piece("runs", o.name, status, reason, timing=o.timing, output_tail=tail, **kind)
     for name in launcher.procs:
         shutil.rmtree(work_runs / name, ignore_errors=True)  # checkpoints never leave the machine
     return dict(measurements=scheduler.measurements, model=model.summary())
