@@ -193,6 +193,10 @@ def _short(sha: str | None) -> str:
     return sha[:10] if sha else "unknown"
 
 
+def _device(record: dict[str, Any]) -> str:
+    return record["device"]["name"] + (" (CPU dry run)" if record.get("dry_run") else "")
+
+
 def _met(ok: bool | None) -> str:
     return "–" if ok is None else ("met" if ok else "**missed**")
 
@@ -235,7 +239,7 @@ def section_checks(res: Results) -> str:
         s = c["summary"]
         rows.append(
             [
-                c["device"]["name"],
+                _device(c),
                 c["date"][:10],
                 f"`{_short(c['commit'].get('sha'))}`",
                 f"`{(c.get('source_hash') or '')[:12]}`",
@@ -247,7 +251,7 @@ def section_checks(res: Results) -> str:
             ]
         )
         failing += [
-            f"- {c['device']['name']}: `{t['test']}` {t['outcome']}: {t['message'][:200]}"
+            f"- {_device(c)}: `{t['test']}` {t['outcome']}: {t['message'][:200]}"
             for t in c["tests"]
             if t["outcome"] in ("failed", "error")
         ]
@@ -589,7 +593,7 @@ def section_benchmarks(res: Results) -> str:
             rows.append(
                 [
                     b["name"],
-                    b["device"]["name"],
+                    _device(b),
                     t["name"],
                     f"{_g(t['value'], 4)} {t['unit']}",
                     f"{t['op']} {_g(t['bound'], 4)}",
