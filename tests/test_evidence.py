@@ -329,3 +329,28 @@ def test_make_target_is_the_documented_command():
                          text=True, check=True).stdout  # fmt: skip
     assert '-m train.evidence run --out "/tmp/x" --budget 300 --parts checks,bench,runs' in out
     assert out.startswith("PYTHONPATH=. ")
+
+
+def test_the_gpu_path_imports_nothing_the_gpu_machine_lacks():
+    """The GPU machine has torch, Triton, transformers, matplotlib, scipy, pyyaml, safetensors, tqdm and pytest, but
+    not wandb, datasets, npm-weibull-py or expecttest (.library/device/KINDS.md): every module the evidence command
+    and its workers import must load without them."""
+    script = """
+import importlib.abc, sys
+MISSING = {"wandb", "datasets", "npm_weibull", "expecttest"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in MISSING:
+            raise ImportError(f"{name} is not installed on the GPU machine")
+sys.meta_path.insert(0, Block())
+import train.evidence, train.loop, train.data, train.models, train.checkpoint, train.pretokenize
+import instrumented_adamw.analysis, instrumented_adamw.report, instrumented_adamw.results, instrumented_adamw.cli
+from train.campaign import load_campaign
+load_campaign("configs/campaign.yaml")
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

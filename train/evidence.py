@@ -550,7 +550,11 @@ def piece_runs(ctx: Ctx, only: list[str], max_runs: int | None, max_concurrent: 
         free_gpu_gib=_free_gpu_gib if ctx.device["kind"] == "cuda" else (lambda: None),
         free_disk_gib=lambda: shutil.disk_usage(ctx.work).free / 2**30, log=ctx.log,
     )  # fmt: skip
-    outcomes = scheduler.run()
+    try:
+        outcomes = scheduler.run()
+    finally:  # whatever happens here, no run outlives the command (they run in their own sessions)
+        for job in list(scheduler.running):
+            job.handle.stop()
     profiles = {i.name: i.profile for i in items}
     for o in outcomes:
         kind = dict(arch=profiles[o.name].arch, spline=profiles[o.name].spline)  # what history learns from
@@ -709,7 +713,14 @@ def command_run(args: argparse.Namespace) -> int:
     log(f"window {window}: {device['name']}, budget {args.budget:.0f} s ({reserve:.0f} s kept for packing), "
         f"parts {','.join(parts)}")  # fmt: skip
     results = Path(args.results) / ("dry_run" if dry else "")
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="evidence-"))
+    # Scratch: on the GPU machine inside the checkout (a spline run's snapshots are 23 GB: the disk, not a tmpfs);
+    # for a dry run a temporary directory.
+    if args.work:
+        work = Path(args.work)
+    elif dry:
+        work = Path(tempfile.mkdtemp(prefix="evidence-"))
+    else:
+        work = root / ".gpu" / "work" / window
     work.mkdir(parents=True, exist_ok=True)
     staging = work / "bundle"
     staging.mkdir(exist_ok=True)
@@ -742,6 +753,9 @@ def command_run(args: argparse.Namespace) -> int:
     _print_summary(ctx, written, out)
     if not args.keep_work and not args.work:
         shutil.rmtree(work, ignore_errors=True)
+        if not dry:
+            with contextlib.suppress(OSError):
+                work.parent.rmdir()  # .gpu/work, when empty
     return 1 if any(p["status"] in ("failed", "killed") for p in ctx.pieces) else 0
 
 
@@ -860,7 +874,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-runs", type=int, default=None, help="start at most N campaign runs")
     run.add_argument("--max-concurrent", type=int, default=None, help="cap on runs sharing the GPU")
     run.add_argument("--dry-run", action="store_true", help="the CPU stand-ins even where there is a GPU")
-    run.add_argument("--work", default=None, help="scratch directory (default: a temporary one, deleted after)")
+    run.add_argument(
+        "--work",
+        default=None,
+        help="scratch directory (default: .gpu/work/<window> on a GPU, a temporary one in a dry run; deleted after)",
+    )
     run.add_argument("--keep-work", action="store_true", help="keep the temporary scratch directory")
     run.set_defaults(func=command_run)
     unp = sub.add_parser("unpack", help="verify a fetched bundle and write it into results/")
