@@ -4,6 +4,7 @@ unpacking safety, compact logs, token carrying and ``prepare``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import lzma
 import math
@@ -354,3 +355,31 @@ print("ok")
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_a_kill_from_outside_stops_the_runs_and_still_leaves_a_bundle(tmp_path):
+    import signal
+    import time
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
+    cmd = [sys.executable, "-m", "train.evidence", "--results", str(tmp_path / "results"), "run", "--out", str(out),
+           "--budget", "300", "--parts", "runs", "--max-runs", "1", "--work", str(work)]  # fmt: skip
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (work / "logs" / "pythia70m_s1.log").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (out / "manifest.json").is_file()  # written before any piece: even an immediate kill leaves a bundle
+    driver.send_signal(signal.SIGTERM)
+    output, _ = driver.communicate(timeout=60)
+    manifest = check_bundle(out)
+    (run,) = [p for p in manifest["pieces"] if p["name"] == "pythia70m_s1"]
+    assert run["status"] == "stopped" and "interrupted" in run["reason"], output[-2000:]
+    assert "interrupted" in (out / "evidence.log").read_text()
+    time.sleep(1)
+    orphans = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if str(work) in cmdline.read_bytes().decode(errors="replace"):
+                orphans.append(cmdline.parent.name)
+    assert not orphans, f"worker processes outlived the command: {orphans}"

@@ -272,6 +272,7 @@ class Scheduler:
         free_disk_gib: Callable[[], float | None] = lambda: None,
         sleep: Callable[[float], None] = time.sleep,
         log: Callable[[str], None] = print,
+        on_finish: Callable[[Outcome], None] = lambda outcome: None,
     ) -> None:
         self.pending = list(items)
         self.budget, self.model, self.launcher = budget, model, launcher
@@ -279,7 +280,7 @@ class Scheduler:
         self.poll_s, self.free_gpu_gib, self.free_disk_gib, self.sleep, self.log = (
             poll_s, free_gpu_gib, free_disk_gib, sleep, log
         )  # fmt: skip
-        self.max_starts, self.started = max_starts, 0
+        self.max_starts, self.started, self.on_finish = max_starts, 0, on_finish
         self.running: list[Job] = []
         self.outcomes: dict[str, Outcome] = {}
         self.reasons: dict[str, str] = {}
@@ -404,6 +405,7 @@ class Scheduler:
         self.log(
             f"[runs] {job.item.name}: {status}{' (' + reason + ')' if reason else ''} after {now - job.started:.0f} s"
         )
+        self.on_finish(self.outcomes[job.item.name])
 
     def _measure(self, now: float) -> None:
         training = [j for j in self.running if j.phase == "training"]

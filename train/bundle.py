@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import re
 import shutil
 import tarfile
 from dataclasses import dataclass
@@ -101,11 +102,16 @@ def result_folders(staging: Path) -> list[Path]:
                                         rank.get(d.relative_to(staging).as_posix(), len(rank))))  # fmt: skip
 
 
-def pack(staging: Path, out: Path, manifest: dict[str, Any], log_text: str, limits: Limits = Limits()) -> dict:
-    """Write the bundle into ``out`` (which must be empty) and return the manifest as written."""
+def pack(staging: Path, out: Path, manifest: dict[str, Any], log_text: str, limits: Limits = Limits(),
+         replace: bool = False) -> dict:  # fmt: skip
+    """Write the bundle into ``out`` and return the manifest as written. ``out`` must be empty, or with ``replace``
+    hold only an earlier bundle (rewritten as a window goes on, so that a window cut short keeps the last one)."""
     out.mkdir(parents=True, exist_ok=True)
-    if any(out.iterdir()):
+    own = [p for p in out.iterdir() if p.name in (MANIFEST, LOG) or re.fullmatch(r"results-\d\d\.tar\.gz", p.name)]
+    if any(p not in own for p in out.iterdir()) or (own and not replace):
         raise FileExistsError(f"{out} is not empty: the bundle must be the only thing in it")
+    for p in own:
+        p.unlink()
     dropped: list[dict[str, str]] = []
     folders = []
     for folder in result_folders(staging):
@@ -234,7 +240,7 @@ def unpack(paths: list[Path], results: Path, force: bool = False) -> dict[str, A
     windows.mkdir(parents=True, exist_ok=True)
     (windows / f"{manifest['window']}.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return dict(target=target, added=added, replaced=replaced, unchanged=same, window=manifest["window"],
-                dry_run=dry, dropped=manifest.get("dropped", []))  # fmt: skip
+                dry_run=dry, dropped=manifest.get("dropped", []), complete=manifest.get("complete", True))  # fmt: skip
 
 
 def read_text_tail(path: Path, limit: int = 64 * 1024) -> str:

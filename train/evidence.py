@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bundle
-from .budget import Budget, Item, Observation, RunProfile, Scheduler, TimingModel, snapshot_count
+from .budget import Budget, Item, Observation, Outcome, RunProfile, Scheduler, TimingModel, snapshot_count
 from .campaign import (
     Campaign,
     CampaignError,
@@ -159,8 +159,36 @@ class Ctx:
     staging: Path
     redo: set[str]
     argv: list[str]
+    out: Path | None = None
+    parts: list[str] = field(default_factory=list)
     pieces: list[dict[str, Any]] = field(default_factory=list)
     order: list[str] = field(default_factory=list)  # bundle priority of result folders
+    calibration: dict[str, Any] = field(default_factory=dict)
+    started: str = field(default_factory=_now_iso)
+
+    def manifest(self, complete: bool) -> dict[str, Any]:
+        return dict(
+            format=1,
+            kind="instrumented-adamw evidence bundle",
+            window=self.window,
+            dry_run=self.dry,
+            complete=complete,  # False: written while the window went on (it ended before the last rewrite)
+            command=self.argv,
+            commit=self.commit,
+            device=self.device,
+            budget_s=self.budget.total_s,
+            parts=self.parts,
+            redo=sorted(self.redo),
+            started=self.started,
+            wall_s=round(self.budget.elapsed(), 1),
+            pieces=self.pieces,
+            calibration=self.calibration,
+        )
+
+    def checkpoint(self, complete: bool = False) -> dict[str, Any]:
+        """(Re)write the bundle in ``out`` with what is done so far: a window cut short still returns it."""
+        (self.staging / "order.json").write_text(json.dumps(self.order))
+        return bundle.pack(self.staging, self.out, self.manifest(complete), self.log.text(), replace=True)
 
     def child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -188,17 +216,21 @@ class Ctx:
 class Proc:
     """A child process in its own session (so the whole group can be stopped), output to a log file."""
 
+    live: set[Proc] = set()  # started and not yet seen to end: stopped if the command is interrupted
+
     def __init__(self, cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         self._out = log.open("wb")
         self.p = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                   start_new_session=True)  # fmt: skip
         self.cmd = cmd
+        Proc.live.add(self)
 
     def poll(self) -> int | None:
         rc = self.p.poll()
         if rc is not None:
             self._out.close()
+            Proc.live.discard(self)
         return rc
 
     def stop(self, grace: float = 5.0) -> None:
@@ -542,41 +574,52 @@ def piece_runs(ctx: Ctx, only: list[str], max_runs: int | None, max_concurrent: 
             commit=ctx.commit, device=ctx.device, evidence_command=ctx.argv,
         )  # fmt: skip
     launcher = RunLauncher(ctx, specs)
-    fast = ctx.dry  # demo-size runs: measure over seconds, not tens of seconds
-    concurrent = max_concurrent or int(c.dry.get("max_concurrent", 1) if ctx.dry else c.max_concurrent)
-    scheduler = Scheduler(
-        items, ctx.budget, model, launcher, max_concurrent=concurrent, measure_s=3.0 if fast else 20.0,
-        warmup_s=1.0 if fast else 5.0, poll_s=0.5 if fast else 2.0, max_starts=max_runs,
-        free_gpu_gib=_free_gpu_gib if ctx.device["kind"] == "cuda" else (lambda: None),
-        free_disk_gib=lambda: shutil.disk_usage(ctx.work).free / 2**30, log=ctx.log,
-    )  # fmt: skip
-    try:
-        outcomes = scheduler.run()
-    finally:  # whatever happens here, no run outlives the command (they run in their own sessions)
-        for job in list(scheduler.running):
-            job.handle.stop()
     profiles = {i.name: i.profile for i in items}
-    for o in outcomes:
-        kind = dict(arch=profiles[o.name].arch, spline=profiles[o.name].spline)  # what history learns from
+
+    def settle(o: Outcome) -> None:
+        """A run's outcome into the bundle: a complete run's folder (with the scheduler's timing), else the reason
+        and the end of its output; the bundle in --out is rewritten at once, so a window cut short keeps it."""
+        kind = dict(arch=profiles[o.name].arch, spline=profiles[o.name].spline)  # what later windows learn from
         folder = ctx.staging / "runs" / o.name
         record_file = folder / "run.json"
+        shutil.rmtree(work_runs / o.name, ignore_errors=True)  # checkpoints never leave the machine
         if o.status == "done" and record_file.is_file():
             record = json.loads(record_file.read_text())
             record["timing"]["scheduler"] = o.timing
             record_file.write_bytes(bundle.json_bytes(record))
             ctx.order.append(f"runs/{o.name}")
             ctx.piece("runs", o.name, "done", f"{o.timing.get('wall_s', 0):.0f} s", timing=o.timing, **kind,
-                      folder=f"runs/{o.name}")  # fmt: skip
-            continue
-        if folder.exists():
-            shutil.rmtree(folder)  # only complete runs are results
-        tail = bundle.read_text_tail(ctx.work / "logs" / f"{o.name}.log", 4000) if o.name in launcher.procs else ""
-        status = "failed" if o.status == "done" else o.status
-        reason = o.reason or ("the worker wrote no run.json" if o.status == "done" else "")
-        ctx.piece("runs", o.name, status, reason, timing=o.timing, output_tail=tail, **kind)
-    for name in launcher.procs:
-        shutil.rmtree(work_runs / name, ignore_errors=True)  # checkpoints never leave the machine
-    return dict(measurements=scheduler.measurements, model=model.summary())
+                      folder=f"runs/{o.name}", errors=record.get("errors"))  # fmt: skip
+        else:
+            if folder.exists():
+                shutil.rmtree(folder)  # only complete runs are results
+            log = ctx.work / "logs" / f"{o.name}.log"
+            tail = bundle.read_text_tail(log, 4000) if o.name in launcher.procs else ""
+            status = "failed" if o.status == "done" else o.status
+            reason = o.reason or ("the worker wrote no run.json" if o.status == "done" else "")
+            ctx.piece("runs", o.name, status, reason, timing=o.timing, output_tail=tail, **kind)
+        ctx.checkpoint()
+
+    fast = ctx.dry  # demo-size runs: measure over seconds, not tens of seconds
+    concurrent = max_concurrent or int(c.dry.get("max_concurrent", 1) if ctx.dry else c.max_concurrent)
+    scheduler = Scheduler(
+        items, ctx.budget, model, launcher, max_concurrent=concurrent, measure_s=3.0 if fast else 20.0,
+        warmup_s=1.0 if fast else 5.0, poll_s=0.5 if fast else 2.0, max_starts=max_runs,
+        free_gpu_gib=_free_gpu_gib if ctx.device["kind"] == "cuda" else (lambda: None),
+        free_disk_gib=lambda: shutil.disk_usage(ctx.work).free / 2**30, log=ctx.log, on_finish=settle,
+    )  # fmt: skip
+    ctx.calibration = dict(measurements=scheduler.measurements, model=model.summary())
+    try:
+        outcomes = scheduler.run()
+    finally:  # whatever happens here, no run outlives the command (they run in their own sessions)
+        for job in list(scheduler.running):
+            job.handle.stop()
+            settle(Outcome(job.item.name, "stopped", "the command was interrupted", {}))
+    for o in outcomes:
+        if o.status == "not started":
+            ctx.piece("runs", o.name, "not started", o.reason, **dict(arch=profiles[o.name].arch))
+    ctx.calibration = dict(measurements=scheduler.measurements, model=model.summary())
+    return ctx.calibration
 
 
 def _status(path: Path, phase: str, **extra: Any) -> None:
@@ -587,11 +630,17 @@ def _status(path: Path, phase: str, **extra: Any) -> None:
 
 
 def worker_run(spec_file: Path) -> int:
-    """One campaign run on this machine: train, analyse, draw, keep the compact logs, delete the checkpoints."""
+    """One campaign run on this machine: train, analyse, draw, keep the compact logs, delete the checkpoints.
+
+    Training must succeed for the run to count. The analysis and the figures may fail without losing it: the
+    error goes into run.json (``errors``) and the logs are kept, since the closed loop and the figures can be
+    redone from them anywhere (spline recovery cannot: it needs the checkpoints, deleted here).
+    """
     spec = json.loads(spec_file.read_text())
     status_file = Path(spec["status_file"])
     _status(status_file, "starting")
     timing: dict[str, float] = {}
+    errors: dict[str, str] = {}
     try:
         from instrumented_adamw.analysis import analyze_run
         from instrumented_adamw.report import make_report
@@ -604,16 +653,21 @@ def worker_run(spec_file: Path) -> int:
         run_dir = train(cfg)
         timing["train_s"] = time.monotonic() - t0  # start-up included
         _status(status_file, "post")
+        done: dict[str, dict[str, Any]] = {}
+        for what, call in (("analysis", lambda: analyze_run(run_dir, run_dir / "analysis", spec["spacings"])),
+                           ("report", lambda: make_report([run_dir], run_dir / "report"))):  # fmt: skip
+            t1 = time.monotonic()
+            try:
+                done[what] = call()
+            except Exception:
+                errors[what] = traceback.format_exc()[-4000:]
+                traceback.print_exc()
+                done[what] = {}
+            timing[f"{what}_s"] = time.monotonic() - t1
         t1 = time.monotonic()
-        analysis = analyze_run(run_dir, run_dir / "analysis", spec["spacings"])
-        timing["analysis_s"] = time.monotonic() - t1
-        t1 = time.monotonic()
-        report = make_report([run_dir], run_dir / "report")
-        timing["report_s"] = time.monotonic() - t1
-        t1 = time.monotonic()
-        record = _compact_run(spec, cfg, run_dir, analysis, report)
+        record = _compact_run(spec, cfg, run_dir, done["analysis"], done["report"])
         timing["compact_s"] = time.monotonic() - t1
-        record["timing"] = dict(worker=timing)
+        record.update(timing=dict(worker=timing), errors=errors or None)
         (Path(spec["staging"]) / "run.json").write_bytes(bundle.json_bytes(record))
     except Exception:
         _status(status_file, "failed", error=traceback.format_exc()[-4000:])
@@ -640,7 +694,8 @@ def _compact_run(spec: dict, cfg, run_dir: Path, analysis: dict, report: dict) -
     for kind in ("metrics", "forces", "weibull"):
         if (run_dir / f"{kind}.jsonl").is_file():
             sizes[f"{kind}.jsonl.xz"] = bundle.compact_jsonl(run_dir / f"{kind}.jsonl", out / f"{kind}.jsonl.xz")
-    text = (run_dir / "analysis" / "analysis.json").read_text()
+    produced = run_dir / "analysis" / "analysis.json"
+    text = produced.read_text() if produced.is_file() else json.dumps(dict(error="the analysis failed: see run.json"))
     if len(text) > 256 * 1024:
         (out / "analysis.json.xz").write_bytes(lzma.compress(text.encode(), preset=6))
     else:
@@ -664,7 +719,7 @@ def _compact_run(spec: dict, cfg, run_dir: Path, analysis: dict, report: dict) -
                 reproduce=spec["reproduce"], env=json.loads((run_dir / "env.json").read_text()), config=plain,
                 config_digest=config_digest(cfg), summary=summary, log_bytes=sizes,
                 skipped={k: v for k, v in report.get("skipped", {}).items()},
-                spline_status=analysis.get("spline", {}).get("skipped", "done"))  # fmt: skip
+                spline_status=analysis.get("spline", {}).get("skipped", "done") if analysis else "failed")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -685,6 +740,10 @@ def ensure_tokens(root: Path, log: Log) -> None:
     for name in ("valid.bin", "tokens.json"):
         shutil.copy(src / name, dst / name)
     log(f"[tokens] {meta['train_tokens']:,} training tokens unpacked into {TOKENS} in {time.monotonic() - t0:.1f} s")
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -726,30 +785,32 @@ def command_run(args: argparse.Namespace) -> int:
     staging.mkdir(exist_ok=True)
     ctx = Ctx(root=root, results=results, campaign=campaign, device=device, commit=commit_info(root), window=window,
               dry=dry, budget=budget, log=log, work=work, staging=staging,
-              redo={p for p in args.redo.split(",") if p}, argv=argv)  # fmt: skip
+              redo={p for p in args.redo.split(",") if p}, argv=argv, out=out, parts=parts)  # fmt: skip
     if ctx.commit.get("dirty"):
         log(f"note: the tree differs from commit {ctx.commit['sha']}: {ctx.commit['dirty'][:5]}")
-    calibration: dict[str, Any] = {}
+    only = [n for n in (args.runs or "").split(",") if n]
+    for name in only:
+        campaign.run(name)  # a misspelt name fails now, not after the checks
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a kill from outside still packs what is done
     try:
+        ctx.checkpoint()
         if "checks" in parts:
             piece_checks(ctx)
+            ctx.checkpoint()
         if "bench" in parts:
             piece_bench(ctx)
+            ctx.checkpoint()
         if "runs" in parts:
             if not dry:
                 ensure_tokens(root, log)
-            only = [n for n in (args.runs or "").split(",") if n]
-            for name in only:
-                campaign.run(name)
-            calibration = piece_runs(ctx, only, args.max_runs, args.max_concurrent)
+            piece_runs(ctx, only, args.max_runs, args.max_concurrent)
     except KeyboardInterrupt:
-        log("interrupted: packing what is done")
-    (staging / "order.json").write_text(json.dumps(ctx.order))
-    manifest = dict(format=1, kind="instrumented-adamw evidence bundle", window=window, dry_run=dry,
-                    command=argv, commit=ctx.commit, device=device, budget_s=args.budget, parts=parts,
-                    redo=sorted(ctx.redo), started=_now_iso(), wall_s=round(budget.elapsed(), 1), pieces=ctx.pieces,
-                    calibration=calibration)  # fmt: skip
-    written = bundle.pack(staging, out, manifest, log.text())
+        log("interrupted: stopping what runs, packing what is done")
+        for proc in list(Proc.live):
+            proc.stop(grace=2.0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    written = ctx.checkpoint(complete=True)
     _print_summary(ctx, written, out)
     if not args.keep_work and not args.work:
         shutil.rmtree(work, ignore_errors=True)
@@ -780,6 +841,9 @@ def command_unpack(args: argparse.Namespace) -> int:
         return 2
     kind = "dry run (not evidence)" if report["dry_run"] else "evidence"
     print(f"window {report['window']} ({kind}) -> {report['target']}")
+    if not report["complete"]:
+        print("  note: the command did not finish (the window ended first); every folder here is complete, and the "
+              "manifest lists the pieces it reached")  # fmt: skip
     for what in ("added", "replaced", "unchanged"):
         for folder in report[what]:
             print(f"  {what:<9} {folder}")
