@@ -260,20 +260,26 @@ def section_checks(res: Results) -> str:
     return out + "\n\nA row holds for the kernel source hash it names; a changed kernel runs the checks again."
 
 
-def _share_cells(run: RunResult) -> dict[int, str]:
+def _share_cells(run: RunResult) -> tuple[dict[int, str], tuple[float, int] | None]:
+    """The table cells of a run, and its largest align difference from the paper's pre-update numbers (points, step)."""
     from .report import share_table
 
-    out = {}
+    out, worst = {}, None
     for row in share_table(run.log, "Transmission", steps=SHARE_STEPS):
         out[row["paper_step"]] = "–" if row["ours"] is None else " / ".join(_f(v) for v in row["ours"])
-    return out
+        if row["ours"] is not None and row["paper_pre"] is not None:
+            d = row["ours"][0] - row["paper_pre"][0]
+            if worst is None or abs(d) > abs(worst[0]):
+                worst = (d, row["paper_step"])
+    return out, worst
 
 
 def section_shares(res: Results) -> str:
     runs = res.group("seeds") + res.group("llama")
     if not runs:
         return _pending("Transmission shares of the seeds and Llama runs", _campaign_names(res, "seeds"))
-    cells = {r.name: _share_cells(r) for r in runs}
+    computed = {r.name: _share_cells(r) for r in runs}
+    cells = {n: c for n, (c, _) in computed.items()}
     rows = []
     for step in SHARE_STEPS:
         pre = PAPER_BUDGET_PRE_UPDATE.get(step)
@@ -287,9 +293,11 @@ def section_shares(res: Results) -> str:
         )
     header = ["paper step", *(r.label for r in runs), "paper (post-update W)", "paper logs, pre-update W"]
     lengths = {r.log.total_steps for r in runs}
-    note = ""
+    diffs = [f"{r.label} {w[0]:+.1f} points at {w[1]:,}" for r in runs if (w := computed[r.name][1]) is not None]
+    note = ("\n\nLargest difference of our align share from the paper's (pre-update W): " + "; ".join(diffs) + "."
+            if diffs else "")  # fmt: skip
     if lengths != {20_000}:
-        note = (
+        note += (
             f"\n\nRuns of {', '.join(f'{n:,}' for n in sorted(lengths))} steps are read at the same fraction of "
             "training as the paper's step (`reference.paper_step_at`)."
         )

@@ -598,6 +598,7 @@ def piece_runs(ctx: Ctx, only: list[str], max_runs: int | None, max_concurrent: 
             status = "failed" if o.status == "done" else o.status
             reason = o.reason or ("the worker wrote no run.json" if o.status == "done" else "")
             ctx.piece("runs", o.name, status, reason, timing=o.timing, output_tail=tail, **kind)
+        ctx.calibration = dict(measurements=scheduler.measurements, model=model.summary())
         ctx.checkpoint()
 
     fast = ctx.dry  # demo-size runs: measure over seconds, not tens of seconds
@@ -617,7 +618,7 @@ def piece_runs(ctx: Ctx, only: list[str], max_runs: int | None, max_concurrent: 
             settle(Outcome(job.item.name, "stopped", "the command was interrupted", {}))
     for o in outcomes:
         if o.status == "not started":
-            ctx.piece("runs", o.name, "not started", o.reason, **dict(arch=profiles[o.name].arch))
+            ctx.piece("runs", o.name, "not started", o.reason, arch=profiles[o.name].arch)
     ctx.calibration = dict(measurements=scheduler.measurements, model=model.summary())
     return ctx.calibration
 
