@@ -110,3 +110,10 @@ def test_results_command_checks_and_regenerates(tmp_path, capsys):
     assert cli(args) == 0
     assert cli([*args, "--check"]) == 0
     assert (docs / "results.md").read_text() == (ROOT / "docs" / "results.md").read_text()
+
+
+def test_results_stay_small_enough_to_travel():
+    """results/ travels to every GPU window with the tree and the carried token files (64 MiB in all, ~20 MiB of
+    tokens): it must stay well under the rest. A run's compact logs are about 3 MB; twelve runs fit."""
+    size = sum(f.stat().st_size for f in (ROOT / "results").rglob("*") if f.is_file() and "figures" not in f.parts)
+    assert size <= 40 * 2**20, f"results/ holds {size / 2**20:.1f} MiB: see docs/gpu_evidence.md (sizes)"

@@ -697,7 +697,7 @@ def _compact_run(spec: dict, cfg, run_dir: Path, analysis: dict, report: dict) -
             sizes[f"{kind}.jsonl.xz"] = bundle.compact_jsonl(run_dir / f"{kind}.jsonl", out / f"{kind}.jsonl.xz")
     produced = run_dir / "analysis" / "analysis.json"
     text = produced.read_text() if produced.is_file() else json.dumps(dict(error="the analysis failed: see run.json"))
-    if len(text) > 256 * 1024:
+    if len(text) > 64 * 1024:  # a 20k-step run's RMS budgets: every interval of two classes
         (out / "analysis.json.xz").write_bytes(lzma.compress(text.encode(), preset=6))
     else:
         (out / "analysis.json").write_text(text)
