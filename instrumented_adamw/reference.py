@@ -35,6 +35,9 @@ PAPER_RISE_ALIGN_LLAMA = (88.0, 93.4)
 PAPER_RISE_FRACTION = 5000 / PAPER_TOTAL_STEPS
 #: Peak pooled Transmission λ against learning rate (20k-step runs).
 PAPER_PEAK_LAMBDA = {3e-4: 0.0313, 1e-3: 0.0763, 3e-3: 0.1874}
+#: The base recipe's (lr 1e-3, weight decay 0.01) pooled Transmission λ: at init and its peak (value, step).
+PAPER_LAMBDA_INIT = 0.0178
+PAPER_PEAK_LAMBDA_BASE = (0.0763, 16_000)
 #: Peak pooled Transmission λ (value, step) against weight decay at lr 1e-3 (20k-step runs).
 PAPER_PEAK_LAMBDA_WD = {0.05: (0.0638, 11_000), 0.1: (0.0545, 9_000), 0.2: (0.0435, 7_000)}
 #: Closed-loop logRMSE as published (post-update bookkeeping, Pythia) and re-integrated with exact bookkeeping.

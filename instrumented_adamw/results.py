@@ -40,7 +40,9 @@ from .reference import (
     PAPER_CLOSED_LOOP,
     PAPER_CLOSED_LOOP_LLAMA,
     PAPER_K_PER_LAYER,
+    PAPER_LAMBDA_INIT,
     PAPER_PEAK_LAMBDA,
+    PAPER_PEAK_LAMBDA_BASE,
     PAPER_PEAK_LAMBDA_EXPONENT,
     PAPER_PEAK_LAMBDA_WD,
     PAPER_RISE_ALIGN,
@@ -378,47 +380,36 @@ def _lambda_row(run: RunResult) -> list[str]:
 
 def section_lambda(res: Results) -> str:
     control = [r for r in res.group("seeds") if r.record.get("config", {}).get("run", {}).get("seed") == 1]
-    by_lr = sorted(res.group("lr") + control, key=lambda r: r.lr)
-    by_wd = sorted(res.group("wd") + control, key=lambda r: r.wd)
     header = ["run", "λ at step 0", "peak λ @ step", "final λ @ step", "final / peak"]
+    base = f"{_g(PAPER_PEAK_LAMBDA_BASE[0])} @ ~{PAPER_PEAK_LAMBDA_BASE[1]:,}"
     out = [
-        "Median over the Transmission blocks of the per-block mid-80 λ (the papers fit the pooled class: "
-        "levels differ by that definition; compare the rise, the peak's position and the relaxation)."
+        "Median over the Transmission blocks of the per-block mid-80 λ (the papers fit the pooled class: levels "
+        f"differ by that definition; compare the rise, the peak's position and the relaxation). The papers' base "
+        f"recipe: λ {PAPER_LAMBDA_INIT} at init, peak {base}."
     ]
-    if len(by_lr) > (1 if control else 0):
-        rows = [
-            [*_lambda_row(r)[:1], _g(r.lr), *_lambda_row(r)[1:], _g(PAPER_PEAK_LAMBDA.get(round(r.lr, 6)))]
-            for r in by_lr
-        ]
-        out += [
-            "",
-            "**Per learning rate** (weight decay 0.01):",
-            "",
-            _table(["run", "lr", *header[1:], "paper peak"], rows),
-        ]
-        peaks = [(r.lr, _peak(r)) for r in by_lr]
-        peaks = [(lr, p) for lr, p in peaks if p and p > 0]
-        if len(peaks) >= 2:
-            slope = float(np.polyfit(np.log([p[0] for p in peaks]), np.log([p[1] for p in peaks]), 1)[0])
-            out.append(f"\nPeak λ ∝ η^{slope:.2f} across these runs (paper: η^{PAPER_PEAK_LAMBDA_EXPONENT}).")
-    else:
-        out += ["", "**Per learning rate:** " + _pending("the LR sweep", _campaign_names(res, "lr"))]
-    if len(by_wd) > (1 if control else 0):
-        rows = []
-        for r in by_wd:
-            paper = PAPER_PEAK_LAMBDA_WD.get(round(r.wd, 6))
-            rows.append(
-                [*_lambda_row(r)[:1], _g(r.wd), *_lambda_row(r)[1:], f"{_g(paper[0])} @ {paper[1]:,}" if paper else "–"]
-            )
-        out += [
-            "",
-            "**Per weight decay** (lr 1e-3):",
-            "",
-            _table(["run", "weight decay", *header[1:], "paper peak"], rows),
-        ]
-    else:
-        out += ["", "**Per weight decay:** " + _pending("the weight-decay sweep", _campaign_names(res, "wd"))]
+    for group, what, key, paper in (
+        ("lr", "learning rate", "lr", lambda r: _g(PAPER_PEAK_LAMBDA.get(round(r.lr, 6)))),
+        ("wd", "weight decay", "wd", lambda r: _paper_wd_peak(r.wd)),
+    ):
+        runs = sorted(res.group(group) + control, key=lambda r: getattr(r, key))
+        missing = [n for n in _campaign_names(res, group) if n not in res.runs]
+        out += ["", f"**Per {what}** ({'weight decay 0.01' if group == 'lr' else 'lr 1e-3'}):"]
+        if runs:
+            rows = [[_lambda_row(r)[0], _g(getattr(r, key)), *_lambda_row(r)[1:], paper(r)] for r in runs]
+            out += ["", _table(["run", what, *header[1:], "paper peak"], rows)]
+        if group == "lr":
+            peaks = [(r.lr, p) for r in runs if (p := _peak(r))]
+            if len(peaks) >= 2:
+                slope = float(np.polyfit(np.log([a for a, _ in peaks]), np.log([b for _, b in peaks]), 1)[0])
+                out.append(f"\nPeak λ ∝ η^{slope:.2f} across these runs (paper: η^{PAPER_PEAK_LAMBDA_EXPONENT}).")
+        if missing:
+            out += ["", _pending(f"the {what} sweep", missing)]
     return "\n".join(out)
+
+
+def _paper_wd_peak(wd: float) -> str:
+    paper = PAPER_PEAK_LAMBDA_WD.get(round(wd, 6)) or (PAPER_PEAK_LAMBDA_BASE if round(wd, 6) == 0.01 else None)
+    return f"{_g(paper[0])} @ ~{paper[1]:,}" if paper else "–"
 
 
 def _peak(run: RunResult) -> float | None:
