@@ -864,6 +864,9 @@ def command_status(args: argparse.Namespace) -> int:
         for s in run_states(campaign, results, dry):
             print(f"  {s.state:<8} {s.name:<34} {s.detail}")
         devices = sorted({p.name.rsplit("-", 1)[0] for p in results.glob("checks/*")})
+        devices += sorted({p.name.rsplit("-", 1)[0] for p in results.glob("bench/*/*")} - set(devices))
+        if not devices:
+            print("  checks and benchmarks: none committed on any device yet")
         for d in devices:
             digest = source_hash(root, campaign.checks_sources)
             have = committed_folder(results, piece_folder("checks", d, digest)) is not None
