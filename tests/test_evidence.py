@@ -383,3 +383,21 @@ def test_a_kill_from_outside_stops_the_runs_and_still_leaves_a_bundle(tmp_path):
             if str(work) in cmdline.read_bytes().decode(errors="replace"):
                 orphans.append(cmdline.parent.name)
     assert not orphans, f"worker processes outlived the command: {orphans}"
+
+
+def test_runs_wait_for_a_kernel_that_fails_its_checks(tmp_path):
+    from train.campaign import piece_folder, source_hash
+    from train.evidence import detect_device
+
+    c = load_campaign(CAMPAIGN, ROOT)
+    device = detect_device(force_dry=True)
+    folder = (
+        tmp_path / "results" / "dry_run" / piece_folder("checks", device["slug"], source_hash(ROOT, c.checks_sources))
+    )
+    folder.mkdir(parents=True)
+    (folder / "provenance.json").write_text(json.dumps(dict(status="failed", date="2026-01-01T00:00:00+00:00",
+                                                            wall_s=1.0)))  # fmt: skip
+    proc = evidence("run", "--out", str(tmp_path / "out"), "--budget", "60", "--parts", "runs", tmp=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = [p for p in check_bundle(tmp_path / "out")["pieces"] if p["part"] == "runs"]
+    assert len(runs) == 12 and all(p["status"] == "not started" and "kernel checks failed" in p["reason"] for p in runs)

@@ -192,3 +192,21 @@ def test_the_hard_deadline_stops_whatever_still_runs():
     (outcome,) = s.run()
     assert outcome.status == "stopped" and "budget ran out" in outcome.reason
     assert world.t == pytest.approx(440, abs=2.1)
+
+
+def test_after_a_failed_run_no_more_are_started():
+    world = World(step_s=0.001, startup_s=5, post_s=1)  # short runs: several fit in the budget
+    s = scheduler(world, ["r1", "r2", "r3"], 540, max_concurrent=1)
+    real_start = world.start
+
+    def start(name):
+        handle = real_start(name)
+        if name == "r1":
+            world.runs[name]["rc"] = 1  # crashes at once
+        return handle
+
+    world.start = start
+    outcomes = {o.name: o for o in s.run()}
+    assert outcomes["r1"].status == "failed" and "exit status 1" in outcomes["r1"].reason
+    assert outcomes["r2"].status == outcomes["r3"].status == "not started"
+    assert "r1 failed in this window" in outcomes["r2"].reason and list(world.runs) == ["r1"]

@@ -281,6 +281,7 @@ class Scheduler:
             poll_s, free_gpu_gib, free_disk_gib, sleep, log
         )  # fmt: skip
         self.max_starts, self.started, self.on_finish = max_starts, 0, on_finish
+        self.failed: str | None = None  # the first run that failed: no more are started after it
         self.running: list[Job] = []
         self.outcomes: dict[str, Outcome] = {}
         self.reasons: dict[str, str] = {}
@@ -397,6 +398,8 @@ class Scheduler:
         if job.eff_ms is not None:  # wall ms per step, measured with step_ms_k runs training at once
             timing.update(step_ms=job.eff_ms, step_ms_k=job.eff_k)
         self.outcomes[job.item.name] = Outcome(job.item.name, status, reason, timing)
+        if status == "failed" and self.failed is None:
+            self.failed = job.item.name
         if status == "done":
             if "startup_s" in timing:
                 self.model.learn_startup(timing["startup_s"], "this window")
@@ -511,7 +514,10 @@ class Scheduler:
             if now >= self.budget.deadline:
                 break
             starting = any(j.phase == "starting" for j in self.running)
-            if self.max_starts is not None and self.started >= self.max_starts:
+            if self.failed is not None:  # fail fast: what broke one run would most likely break the next
+                for item in self.pending:
+                    self.reasons[item.name] = f"{self.failed} failed in this window (see its output); not started"
+            elif self.max_starts is not None and self.started >= self.max_starts:
                 for item in self.pending:
                     self.reasons[item.name] = f"--max-runs {self.max_starts} reached"
             elif self.pending and len(self.running) < self.max_concurrent and not starting:

@@ -165,6 +165,7 @@ class Ctx:
     order: list[str] = field(default_factory=list)  # bundle priority of result folders
     calibration: dict[str, Any] = field(default_factory=dict)
     started: str = field(default_factory=_now_iso)
+    force_runs: bool = False
 
     def manifest(self, complete: bool) -> dict[str, Any]:
         return dict(
@@ -539,6 +540,18 @@ def _free_gpu_gib() -> float | None:
     return None
 
 
+def _failed_checks(ctx: Ctx) -> str | None:
+    """Where the kernel checks of this device and kernel source failed, in this window or as committed."""
+    for p in ctx.pieces:
+        if p["part"] == "checks" and p["status"] == "failed":
+            return f"this window: {p['reason']}"
+    folder = piece_folder("checks", ctx.device["slug"], source_hash(ctx.root, ctx.campaign.checks_sources))
+    committed = committed_folder(ctx.results, folder)
+    if committed is not None and json.loads((committed / "provenance.json").read_text())["status"] == "failed":
+        return f"results/{folder}"
+    return None
+
+
 def piece_runs(ctx: Ctx, only: list[str], max_runs: int | None, max_concurrent: int | None) -> dict[str, Any]:
     c = ctx.campaign
     states = {s.name: s for s in run_states(c, ctx.results, ctx.dry)}
@@ -553,6 +566,12 @@ def piece_runs(ctx: Ctx, only: list[str], max_runs: int | None, max_concurrent: 
                 ctx.log(f"[runs] {name}: {state.detail}; it runs again")
             chosen.append(c.run(name))
     if not chosen:
+        return {}
+    broken = _failed_checks(ctx)
+    if broken and not ctx.force_runs:
+        for run in chosen:
+            ctx.piece("runs", run.name, "not started", f"the kernel checks failed on this device ({broken}): the runs "
+                      "use that kernel; fix it first (or --force-runs)")  # fmt: skip
         return {}
     model = timing_model(ctx)
     ctx.log(f"[runs] run-time model: {json.dumps(model.summary())}")
@@ -786,7 +805,8 @@ def command_run(args: argparse.Namespace) -> int:
     staging.mkdir(exist_ok=True)
     ctx = Ctx(root=root, results=results, campaign=campaign, device=device, commit=commit_info(root), window=window,
               dry=dry, budget=budget, log=log, work=work, staging=staging,
-              redo={p for p in args.redo.split(",") if p}, argv=argv, out=out, parts=parts)  # fmt: skip
+              redo={p for p in args.redo.split(",") if p}, argv=argv, out=out, parts=parts,
+              force_runs=args.force_runs)  # fmt: skip
     if ctx.commit.get("dirty"):
         log(f"note: the tree differs from commit {ctx.commit['sha']}: {ctx.commit['dirty'][:5]}")
     only = [n for n in (args.runs or "").split(",") if n]
@@ -942,6 +962,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-runs", type=int, default=None, help="start at most N campaign runs")
     run.add_argument("--max-concurrent", type=int, default=None, help="cap on runs sharing the GPU")
     run.add_argument("--dry-run", action="store_true", help="the CPU stand-ins even where there is a GPU")
+    run.add_argument("--force-runs", action="store_true", help="start runs although the kernel checks failed here")
     run.add_argument(
         "--work",
         default=None,
