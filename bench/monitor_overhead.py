@@ -72,20 +72,20 @@ def main() -> None:
     for _ in range(3):
         train_step()
     monitor.log(1, loss=0.0)  # warm-up read (the interval starts clean)
-    step_times, log_times = [], []
+    step_times, log_times, tensor_times = [], [], []
     for step in range(2, args.steps + 2):
         sync()
         t0 = time.perf_counter()
         train_step()
         sync()
         step_times.append(time.perf_counter() - t0)
-        if step % args.log_every == 0 and step % args.per_tensor_every:
+        if step % args.log_every == 0:
             t0 = time.perf_counter()
             monitor.log(step, loss=0.0)
-            log_times.append(time.perf_counter() - t0)
-    tensor_times, fit_times = [], []
+            (log_times if step % args.per_tensor_every else tensor_times).append(time.perf_counter() - t0)
+    fit_times = []
     first = (args.steps // args.per_tensor_every + 2) * args.per_tensor_every
-    for i in range(3):  # reads that also write the per-tensor entries (every --per-tensor-every steps)
+    for i in range(3 - min(len(tensor_times), 3)):  # reads that also write per-tensor entries, if too few were timed
         train_step()
         t0 = time.perf_counter()
         monitor.log(first + i * args.per_tensor_every, loss=0.0)
@@ -97,8 +97,8 @@ def main() -> None:
         fit_times.append(time.perf_counter() - t0)
     monitor.close()
     step = statistics.median(step_times)
-    log = statistics.median(log_times)
     tensor_log = statistics.median(tensor_times)
+    log = statistics.median(log_times) if log_times else tensor_log  # per_tensor_every == log_every: every read
     fit = statistics.median(fit_times)
     per_step = log / args.log_every + max(tensor_log - log, 0.0) / args.per_tensor_every + fit / args.weibull_every
     env = environment(device)
