@@ -332,7 +332,8 @@ class Scheduler:
         free_gpu = self.free_gpu_gib()
         if free_gpu is not None and need_gpu and free_gpu < need_gpu:
             return "wait", f"GPU memory: {free_gpu:.1f} GiB free < {need_gpu:.0f} GiB a run needs"
-        need_disk = self.model.snapshot_gib * item.profile.snapshots * 1.2
+        snapshots = item.profile.snapshots + sum(self._snapshots_left(j.item.profile, j.step) for j in self.running)
+        need_disk = self.model.snapshot_gib * snapshots * 1.2  # its snapshots and those the others have yet to write
         free_disk = self.free_disk_gib()
         if free_disk is not None and free_disk < need_disk:
             return "wait", f"disk: {free_disk:.1f} GiB free < {need_disk:.1f} GiB of snapshots"
