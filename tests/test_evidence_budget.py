@@ -210,3 +210,14 @@ def test_after_a_failed_run_no_more_are_started():
     assert outcomes["r1"].status == "failed" and "exit status 1" in outcomes["r1"].reason
     assert outcomes["r2"].status == outcomes["r3"].status == "not started"
     assert "r1 failed in this window" in outcomes["r2"].reason and list(world.runs) == ["r1"]
+
+
+def test_a_run_waits_for_gpu_memory_and_disk():
+    spline = RunProfile("gpt_neox", 20_000, 81, 250, True)
+    for kw, reason in ((dict(free_gpu_gib=lambda: 8.0), "GPU memory: 8.0 GiB free < 16 GiB"),
+                       (dict(free_disk_gib=lambda: 10.0), "disk: 10.0 GiB free < 29.2 GiB of snapshots")):  # fmt: skip
+        world = World()
+        s = Scheduler([Item("r1", spline)], Budget(900, clock=world.clock), TimingModel(PRIORS), world,
+                      sleep=world.sleep, log=lambda m: None, **kw)  # fmt: skip
+        (outcome,) = s.run()
+        assert outcome.status == "not started" and reason in outcome.reason and not world.runs
