@@ -583,11 +583,19 @@ def section_lr_squared(res: Results) -> str:
     )
 
 
+def latest_bench(res: Results) -> list[dict[str, Any]]:
+    """The latest result of each benchmark on each device (earlier ones, of older code, stay in results/)."""
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for b in sorted(res.bench, key=lambda b: b["date"]):
+        latest[(b["name"], b["device"]["name"])] = b
+    return [latest[k] for k in sorted(latest)]
+
+
 def section_benchmarks(res: Results) -> str:
     if not res.bench:
         return _pending("GPU benchmarks (optimizer step, compiled training step, Weibull fits, monitor overhead)")
     rows = []
-    for b in sorted(res.bench, key=lambda b: (b["name"], b["date"])):
+    for b in latest_bench(res):
         for t in (b.get("result") or {}).get("targets", []):
             rows.append(
                 [
@@ -700,7 +708,7 @@ def _cell(v: Any) -> str:
 
 def render_benchmarks(res: Results) -> str:
     """The generated GPU section of docs/benchmarks.md (between the markers)."""
-    gpu = [b for b in res.bench if not b.get("dry_run") and b.get("result")]
+    gpu = [b for b in latest_bench(res) if not b.get("dry_run") and b.get("result")]
     if not gpu:
         body = (
             "No GPU benchmark is committed yet. `bench/optimizer_step.py`, `bench/train_step.py`, "

@@ -401,3 +401,22 @@ def test_runs_wait_for_a_kernel_that_fails_its_checks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = [p for p in check_bundle(tmp_path / "out")["pieces"] if p["part"] == "runs"]
     assert len(runs) == 12 and all(p["status"] == "not started" and "kernel checks failed" in p["reason"] for p in runs)
+
+
+def test_a_dry_run_bundle_replaces_the_same_pieces_and_keeps_the_others(dry, tmp_path):
+    results = tmp_path / "results"
+    (checks,) = [f for f in dry["manifest"]["files"].values()][0]["folders"][:1]
+    device = checks.split("/")[1].rsplit("-", 1)[0]
+    older = results / "dry_run" / "checks" / f"{device}-000000000000"  # the same checks, older code
+    other = results / "dry_run" / "runs" / "pythia70m_s2"  # a run the earlier dry run did
+    old_window = results / "dry_run" / "windows" / "20000101T000000Z-old.json"
+    for d in (older, other):
+        d.mkdir(parents=True)
+        (d / "provenance.json").write_text("{}")
+    old_window.parent.mkdir(parents=True)
+    old_window.write_text("{}")
+    report = bundle.unpack([dry["tmp"] / "out"], results)
+    assert report["dry_run"] and "runs/pythia70m_s1" in report["added"]
+    assert not older.exists() and other.is_dir() and not old_window.exists()
+    assert (results / "dry_run" / checks / "checks.json").is_file()
+    assert [p.name for p in (results / "dry_run" / "windows").iterdir()] == [f"{dry['manifest']['window']}.json"]

@@ -183,8 +183,13 @@ def find_manifest(paths: list[Path]) -> Path:
 
 
 def unpack(paths: list[Path], results: Path, force: bool = False) -> dict[str, Any]:
-    """Verify a fetched bundle and write its folders into ``results`` (a dry-run bundle replaces
-    ``results/dry_run``). Refuses to change a committed folder unless ``force``; an identical one is skipped."""
+    """Verify a fetched bundle and write its folders into ``results``. Refuses to change a committed folder unless
+    ``force``; an identical one is skipped.
+
+    A dry-run bundle goes into ``results/dry_run`` and always replaces: the same run, and the checks or benchmark
+    of the same device under an older source hash, and the earlier dry-run window. That folder then holds the
+    latest dry run of every piece — a check of the machinery, kept small, not a history of evidence.
+    """
     manifest_path = find_manifest(paths)
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != 1:
@@ -222,8 +227,12 @@ def unpack(paths: list[Path], results: Path, force: bool = False) -> dict[str, A
             if not force:
                 raise BundleError(f"{dest} is already in results/ with other content; pass --force to replace it")
             replaced.append(folder)
-    if dry and target.exists():
-        shutil.rmtree(target)  # one dry run stands for the pipeline: the latest replaces the last
+    if dry:
+        for folder in contents:
+            for older in _same_piece(target, folder):
+                shutil.rmtree(older)
+        for old in (target / "windows").glob("*.json"):
+            old.unlink()
     for folder, files in sorted(contents.items()):
         if folder in same:
             continue
@@ -241,6 +250,16 @@ def unpack(paths: list[Path], results: Path, force: bool = False) -> dict[str, A
     (windows / f"{manifest['window']}.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return dict(target=target, added=added, replaced=replaced, unchanged=same, window=manifest["window"],
                 dry_run=dry, dropped=manifest.get("dropped", []), complete=manifest.get("complete", True))  # fmt: skip
+
+
+def _same_piece(target: Path, folder: str) -> list[Path]:
+    """Committed folders of the same piece: ``runs/<name>``, or ``checks/<device>-*``, ``bench/<name>/<device>-*``
+    under any source hash."""
+    if folder.startswith("runs/"):
+        return [target / folder] if (target / folder).exists() else []
+    parent, leaf = folder.rsplit("/", 1)
+    device = leaf.rsplit("-", 1)[0]
+    return [p for p in (target / parent).glob(f"{device}-*") if p.is_dir() and p.name.rsplit("-", 1)[0] == device]
 
 
 def read_text_tail(path: Path, limit: int = 64 * 1024) -> str:
