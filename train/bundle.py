@@ -229,8 +229,11 @@ def unpack(paths: list[Path], results: Path, force: bool = False) -> dict[str, A
             replaced.append(folder)
     if dry:
         for folder in contents:
-            for older in _same_piece(target, folder):
+            olders = _same_piece(target, folder)
+            for older in olders:
                 shutil.rmtree(older)
+            if olders:
+                replaced.append(folder)
         for old in (target / "windows").glob("*.json"):
             old.unlink()
     for folder, files in sorted(contents.items()):
