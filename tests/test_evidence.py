@@ -123,7 +123,7 @@ def test_the_unpacked_dry_run_is_complete_and_regenerates_the_docs(dry, tmp_path
     assert generate(results, docs, CAMPAIGN)  # written (it differs from nothing)
     text = (docs / "results.md").read_text()
     assert "| 5,000 | " in text and "`pythia70m_s1` (CPU dry run)" in text
-    assert "*Pending:* the LR sweep" in text
+    assert "*Pending:* the learning rate sweep" in text
     assert generate(results, docs, CAMPAIGN, check=True) == []
 
 
