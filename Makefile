@@ -5,7 +5,15 @@ BIN := $(VENV)/bin
 # Extra requirement installed before the package, e.g. TORCH_SPEC=torch==2.13.0 for a specific wheel (CI does).
 TORCH_SPEC ?=
 
-.PHONY: demo test lint bench mutate clean
+# GPU evidence (docs/gpu_evidence.md). On the bare GPU machine there is no .venv and no pip: plain python3 from the
+# checkout (PYTHONPATH=.). Here the .venv's python, once it exists.
+EVIDENCE_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+OUT ?= evidence-out
+BUDGET_S ?= 540
+PARTS ?= checks,bench,runs
+EVIDENCE_ARGS ?=
+
+.PHONY: demo test lint bench mutate clean gpu-evidence gpu-prepare results
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +36,19 @@ bench: $(BIN)/.installed
 # Mutation testing of the core modules (hours on 2 cores; not in CI): kill rates and survivors for docs/testing.md.
 mutate: $(BIN)/.installed
 	$(BIN)/python tools/mutate.py --jobs 2
+
+# Checks, benchmarks and pending campaign runs inside BUDGET_S seconds; the bundle (<= 8 files) goes to OUT. Without
+# CUDA this is the dry run (demo-size stand-ins, about a minute). More options: python -m train.evidence run --help.
+gpu-evidence:
+	PYTHONPATH=. $(EVIDENCE_PYTHON) -m train.evidence run --out "$(OUT)" --budget $(BUDGET_S) --parts $(PARTS) $(EVIDENCE_ARGS)
+
+# Before a GPU window, here: the token files (compressed) and the commit record into .gpu/evidence/, size checked.
+gpu-prepare:
+	PYTHONPATH=. $(EVIDENCE_PYTHON) -m train.evidence prepare
+
+# docs/results.md and the GPU table of docs/benchmarks.md from results/ (after `python -m train.evidence unpack`).
+results:
+	PYTHONPATH=. $(EVIDENCE_PYTHON) -m instrumented_adamw.cli results
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,4 +1,6 @@
-"""Shared pieces of the benchmarks: Pythia parameter shapes, a small GPT-NeoX from CLI sizes, CUDA-event timing.
+"""Shared pieces of the benchmarks: Pythia parameter shapes, a small GPT-NeoX from CLI sizes, timing (CUDA events on
+a GPU, the wall clock on the CPU), and the JSON every benchmark can write (``--json PATH``: the figures with the
+device, torch, Triton and CUDA versions they were measured with; ``results/bench/`` keeps them).
 
 Pythia configs (EleutherAI/pythia-*/config.json): vocab padded to 50304, untied embeddings, FFN = 4·d.
 """
@@ -6,7 +8,15 @@ Pythia configs (EleutherAI/pythia-*/config.json): vocab padded to 50304, untied 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
+import platform
 import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,10 +26,12 @@ PYTHIA = {
     "pythia-410m": (50304, 1024, 24, 4096),
     "pythia-1.4b": (50304, 2048, 24, 8192),
 }
+#: The same layout at toy size, for ``--smoke`` runs (the CPU dry run of ``python -m train.evidence``).
+SMOKE = {"pythia-smoke": (512, 64, 2, 256)}
 
 
 def pythia_shapes(name: str = "pythia-70m") -> list[tuple[int, ...]]:
-    vocab, d, layers, ffn = PYTHIA[name]
+    vocab, d, layers, ffn = {**PYTHIA, **SMOKE}[name]
     shapes: list[tuple[int, ...]] = [(vocab, d)]
     for _ in range(layers):
         shapes += [(d,), (d,), (d,), (d,)]  # input / post-attention LayerNorm weight and bias
@@ -59,6 +71,89 @@ def small_neox(args: argparse.Namespace):
     cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=heads,
                       intermediate_size=4 * args.hidden)  # fmt: skip
     return build_model(cfg)
+
+
+def median_ms(fn, repeats: int, warmup: int = 5, device: str | torch.device = "cuda") -> float:
+    """Median milliseconds of ``fn``: CUDA events on a GPU, the synchronised wall clock elsewhere."""
+    if torch.device(device).type == "cuda":
+        return cuda_median_ms(fn, repeats, warmup)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def environment(device: str | torch.device | None = None) -> dict[str, Any]:
+    """What a figure was measured on: device name, versions of torch / Triton / CUDA / Python, CPU and threads."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    env: dict[str, Any] = dict(
+        device=device.type,
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        cpu=_cpu_name(),
+        cpu_count=os.cpu_count(),
+        threads=torch.get_num_threads(),
+    )
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(sm_count=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
+                   capability=f"{props.major}.{props.minor}")  # fmt: skip
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """``--json PATH`` (write the figures as JSON) and ``--smoke`` (toy sizes, a few repeats, any device: checks
+    that the script runs, e.g. in the CPU dry run of the evidence command; its figures mean nothing)."""
+    parser.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes and few repeats: a run check, not a benchmark")
+
+
+def write_json(path: str | None, bench: str, args: argparse.Namespace, env: dict, rows: list[dict],
+               targets: list[dict], **extra: Any) -> None:  # fmt: skip
+    """The benchmark's record: what ran (command, arguments), where (``env``), its rows and its targets, each target
+    with the measured value and whether it is met."""
+    if path is None:
+        return
+    record = dict(bench=bench, command=[Path(sys.argv[0]).as_posix(), *sys.argv[1:]], args=vars(args),
+                  smoke=bool(getattr(args, "smoke", False)), env=env, rows=rows, targets=targets,
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra)  # fmt: skip
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=1, allow_nan=False, default=_plain) + "\n")
+
+
+def target(name: str, value: float | None, op: str, bound: float, unit: str = "", note: str = "") -> dict[str, Any]:
+    """One target: ``value op bound`` (``op`` is "<=" or ">="); ``met`` is None when there is no value."""
+    met = None if value is None else (value <= bound if op == "<=" else value >= bound)
+    return dict(name=name, value=value, op=op, bound=bound, unit=unit, met=met, note=note)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def cuda_median_ms(fn, repeats: int, warmup: int = 5) -> float:

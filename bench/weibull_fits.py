@@ -2,21 +2,21 @@
 
 The model is randomly initialised from the Pythia-70M config (no download). The baseline is the obvious numpy
 implementation of the same protocol: float64 copy, full ``np.sort``, Hazen mask, ``np.polyfit``. On CUDA the script
-also times our fits on the GPU (synchronised wall clock, median of repeats).
+also times our fits on the GPU (synchronised wall clock, median of repeats; target ≤ 30 ms for all 26 matrices).
 
-    python bench/weibull_fits.py [--repeats 3]
+    python bench/weibull_fits.py [--repeats 3] [--gpu-repeats 10] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import numpy as np
 import torch
 import transformers
+from common import add_output_args, environment, target, write_json
 
 from instrumented_adamw.weibull import HAZEN_CACHE, fit_weibull
 
@@ -32,6 +32,10 @@ PYTHIA_70M = dict(
     tie_word_embeddings=False,
     initializer_range=0.02,
 )
+#: The same layout at toy size (``--smoke``).
+SMOKE = dict(PYTHIA_70M, vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=256)  # fmt: skip
+GPU_TARGET_MS = 30.0
 
 
 def numpy_fit(w: np.ndarray, trim: float = 0.1) -> tuple[float, float]:
@@ -56,16 +60,17 @@ def timed(fn, repeats: int, sync=lambda: None) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the CPU timings (numpy and ours)")
+    parser.add_argument("--gpu-repeats", type=int, default=10)
+    add_output_args(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**PYTHIA_70M))
+    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**(SMOKE if args.smoke else PYTHIA_70M)))
     mats = [p.detach() for p in model.parameters() if p.ndim == 2]
     n_el = sum(m.numel() for m in mats)
-    print(
-        f"{len(mats)} matrices, {n_el:,} elements; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}"
-    )
+    env = environment("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"{len(mats)} matrices, {n_el:,} elements; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{env['cpu']}")  # fmt: skip
 
     # Same numbers first: the speed comparison is between two implementations of one protocol.
     worst = max(abs(fit_weibull(m).k - numpy_fit(m.numpy())[0]) for m in mats)
@@ -82,15 +87,25 @@ def main() -> None:
     t_np = timed(lambda: [numpy_fit(m.numpy()) for m in mats], args.repeats)
     t_cold = timed(cold, args.repeats)
     t_warm = timed(ours, args.repeats)
-    print(f"{'variant':<40} {'s':>8} {'x numpy':>8}")
-    print(f"{'numpy float64 sort + polyfit (baseline)':<40} {t_np:>8.3f} {1.0:>8.2f}")
-    print(f"{'fit_weibull CPU, empty y cache':<40} {t_cold:>8.3f} {t_np / t_cold:>8.2f}")
-    print(f"{'fit_weibull CPU, y cache warm (refit)':<40} {t_warm:>8.3f} {t_np / t_warm:>8.2f}")
+    rows = [
+        dict(variant="numpy float64 sort + polyfit (baseline)", device="cpu", s=t_np, x_numpy=1.0),
+        dict(variant="fit_weibull, empty Hazen-y cache", device="cpu", s=t_cold, x_numpy=t_np / t_cold),
+        dict(variant="fit_weibull, y cache warm (a monitor's refit)", device="cpu", s=t_warm, x_numpy=t_np / t_warm),
+    ]
+    print(f"{'variant':<46} {'s':>8} {'x numpy':>8}")
+    for r in rows:
+        print(f"{r['variant']:<46} {r['s']:>8.3f} {r['x_numpy']:>8.2f}")
+    targets = [target("CPU: fit_weibull (warm) / numpy speed-up", t_np / t_warm, ">=", 5.0, "x")]
     if torch.cuda.is_available():
         gpu = [m.cuda() for m in mats]
         ours(gpu)  # warm-up: kernels, allocator, y cache
-        t_gpu = timed(lambda: ours(gpu), max(args.repeats, 10), torch.cuda.synchronize)
-        print(f"{'fit_weibull ' + torch.cuda.get_device_name():<40} {t_gpu * 1e3:>7.1f}ms {t_np / t_gpu:>8.1f}")
+        t_gpu = timed(lambda: ours(gpu), max(args.gpu_repeats, 1), torch.cuda.synchronize)
+        rows.append(dict(variant=f"fit_weibull on {env['device_name']}", device="cuda", s=t_gpu, x_numpy=t_np / t_gpu))
+        print(f"{'fit_weibull ' + env['device_name']:<46} {t_gpu * 1e3:>7.1f}ms {t_np / t_gpu:>8.1f}")
+        targets.append(target(f"GPU: per-block fits of all {len(mats)} matrices", t_gpu * 1e3, "<=", GPU_TARGET_MS,
+                              "ms"))  # fmt: skip
+    write_json(args.json, "weibull_fits", args, env, rows, targets, matrices=len(mats), elements=n_el,
+               max_abs_k_difference=worst)  # fmt: skip
 
 
 if __name__ == "__main__":

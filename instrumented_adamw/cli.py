@@ -1,4 +1,5 @@
-"""The ``instrumented-adamw`` command: ``fit`` (Weibull diagnostics), ``report`` (figures), ``analyze``."""
+"""The ``instrumented-adamw`` command: ``fit`` (Weibull diagnostics), ``report`` (figures), ``analyze``, ``results``
+(docs/results.md and the GPU benchmark table from the committed results/)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,24 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results(args: argparse.Namespace) -> int:
+    from .results import generate
+
+    campaign = args.campaign if Path(args.campaign).is_file() else None
+    try:
+        diffs = generate(args.results, args.docs, campaign, check=args.check)
+    except (FileNotFoundError, ValueError, MissingExtraError) as exc:
+        print(f"instrumented-adamw results: {exc}", file=sys.stderr)
+        return 2
+    if args.check and diffs:
+        print("docs differ from what the committed results give; run `instrumented-adamw results`:", file=sys.stderr)
+        print("\n".join(diffs), file=sys.stderr)
+        return 1
+    verb = "differ" if args.check else "regenerated"
+    print(f"{args.docs}/results.md and {args.docs}/benchmarks.md: {verb if diffs else 'up to date'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instrumented-adamw", description="Weight-norm force and Weibull tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--spacings", type=int, nargs="*", default=None, help="checkpoint spacings (default 250 500 1000)")
     ana.add_argument("--cls", default="Transmission")
     ana.set_defaults(func=_analyze)
+    res = sub.add_parser("results", help="regenerate docs/results.md and the GPU table of docs/benchmarks.md")
+    res.add_argument("--results", default="results", help="the committed results (default: results)")
+    res.add_argument("--docs", default="docs", help="where results.md and benchmarks.md are (default: docs)")
+    res.add_argument("--campaign", default="configs/campaign.yaml", help="the campaign, for what is pending")
+    res.add_argument("--check", action="store_true", help="write nothing; exit 1 if the docs are not up to date")
+    res.set_defaults(func=_results)
     return parser
 
 

@@ -30,15 +30,27 @@ PAPER_BUDGET_PRE_UPDATE = {
 }
 #: Rise-phase (steps ≤ 5000, the first quarter of training) align share range across 4 seeds, Pythia-style.
 PAPER_RISE_ALIGN = (88.3, 93.8)
+#: The same for the Llama-style runs.
+PAPER_RISE_ALIGN_LLAMA = (88.0, 93.4)
 PAPER_RISE_FRACTION = 5000 / PAPER_TOTAL_STEPS
 #: Peak pooled Transmission λ against learning rate (20k-step runs).
 PAPER_PEAK_LAMBDA = {3e-4: 0.0313, 1e-3: 0.0763, 3e-3: 0.1874}
+#: The base recipe's (lr 1e-3, weight decay 0.01) pooled Transmission λ: at init and its peak (value, step).
+PAPER_LAMBDA_INIT = 0.0178
+PAPER_PEAK_LAMBDA_BASE = (0.0763, 16_000)
 #: Peak pooled Transmission λ (value, step) against weight decay at lr 1e-3 (20k-step runs).
 PAPER_PEAK_LAMBDA_WD = {0.05: (0.0638, 11_000), 0.1: (0.0545, 9_000), 0.2: (0.0435, 7_000)}
 #: Closed-loop logRMSE as published (post-update bookkeeping, Pythia) and re-integrated with exact bookkeeping.
 PAPER_CLOSED_LOOP = dict(published=0.053, exact=(0.008, 0.011))
+#: Closed-loop logRMSE as published for the Llama-style runs.
+PAPER_CLOSED_LOOP_LLAMA = 0.056
+#: Peak λ grows roughly as η^0.78 across the LR sweep.
+PAPER_PEAK_LAMBDA_EXPONENT = 0.78
+#: Per-layer k at 20k steps of the self-trained Pythia runs lies in this range.
+PAPER_K_PER_LAYER = (1.178, 1.216)
 #: Spline recovery, median recovered/true alignment at spacings 250/500/1000 (Pythia); two-point baseline.
 PAPER_SPLINE_MEDIAN = (0.917, 0.938)
+PAPER_SPLINE_MEDIAN_LLAMA = (0.900, 0.928)
 PAPER_TWO_POINT_MEDIAN = (0.41, 0.51)
 TABLE_STEPS = tuple(PAPER_BUDGET)
 

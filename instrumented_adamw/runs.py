@@ -1,11 +1,15 @@
 """Run directories as data: what the trainer, a user's loop with ``ForceMonitor`` or the HF callback wrote.
 
 A run directory holds ``metrics.jsonl`` (always), ``forces.jsonl`` and ``weibull.jsonl`` (when logged), and, from
-our trainer, ``config.yaml``. Analyses and figures read runs through :func:`load_run` only.
+our trainer, ``config.yaml``. The logs may also be compressed (``metrics.jsonl.xz`` / ``.gz``: how ``results/``
+stores committed runs). Analyses and figures read runs through :func:`load_run` only.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
+import lzma
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,17 +66,38 @@ class RunLog:
         return f"{self.name} ({', '.join(parts)})" if parts else self.name
 
 
+#: Compressed logs (complete files written once, so no torn tail to tolerate) and how to open them.
+_COMPRESSED = {".xz": lzma.decompress, ".gz": gzip.decompress}
+
+
+def log_file(path: str | Path, kind: str) -> Path | None:
+    """``kind.jsonl`` of a run directory, or its compressed form; None when there is neither."""
+    for suffix in ("", *_COMPRESSED):
+        f = Path(path) / f"{kind}.jsonl{suffix}"
+        if f.is_file():
+            return f
+    return None
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """Records of a plain (``read_jsonl``: a torn last line is ignored) or compressed JSONL log."""
+    decompress = _COMPRESSED.get(path.suffix)
+    if decompress is None:
+        return read_jsonl(path)
+    return [json.loads(line) for line in decompress(path.read_bytes()).decode("utf-8").splitlines() if line.strip()]
+
+
 def load_run(path: str | Path) -> RunLog:
     path = Path(path)
-    if not (path / "metrics.jsonl").is_file():
+    if log_file(path, "metrics") is None:
         raise FileNotFoundError(f"{path} is not a run directory (no metrics.jsonl)")
     config: dict[str, Any] = {}
     if (path / "config.yaml").is_file():
         config = require("yaml", "reading a run's config.yaml").safe_load((path / "config.yaml").read_text()) or {}
 
     def read(kind):
-        f = path / f"{kind}.jsonl"
-        return read_jsonl(f) if f.is_file() else []
+        f = log_file(path, kind)
+        return read_log(f) if f is not None else []
 
     # The HF callback writes into <output_dir>/forces: name such a run after its output directory.
     default = path.parent.name if path.name == "forces" and path.parent.name else path.name

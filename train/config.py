@@ -152,6 +152,7 @@ class LoggingConfig:
     eval_batches: int = 20
     weibull_every: int = 250  # per-block Weibull fits (0 = off)
     per_tensor: bool = True  # per-tensor force records in forces.jsonl
+    per_tensor_every: int = 0  # per-tensor entries only every N steps, each integrating since the last (0 = every log)
     progress: bool = True  # tqdm bar
     wandb: bool = False
     wandb_project: str = "instrumented-adamw"
@@ -165,6 +166,8 @@ class LoggingConfig:
         _positive("logging.eval_batches", self.eval_batches)
         if self.weibull_every < 0:
             raise ConfigError(f"logging.weibull_every must be >= 0, got {self.weibull_every}")
+        if self.per_tensor_every < 0:
+            raise ConfigError(f"logging.per_tensor_every must be >= 0 (0: every log step), got {self.per_tensor_every}")
         if self.wandb_mode is not None:
             _choice("logging.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
 
@@ -258,6 +261,19 @@ class Config:
                     f"{name}={every} must be a multiple of logging.log_every={self.logging.log_every} (the analyses "
                     "pair fits and checkpoints with the force records of the same step)"
                 )
+        every = self.logging.per_tensor_every
+        if every and self.logging.per_tensor:
+            if every % self.logging.log_every:
+                raise ConfigError(
+                    f"logging.per_tensor_every={every} must be a multiple of logging.log_every={self.logging.log_every}"
+                )
+            for name, value in (("logging.weibull_every", self.logging.weibull_every),
+                                ("checkpoint.every", self.checkpoint.every)):  # fmt: skip
+                if value % every:
+                    raise ConfigError(
+                        f"{name}={value} must be a multiple of logging.per_tensor_every={every} (the closed loop and "
+                        "spline recovery need per-tensor records at every fit and checkpoint step)"
+                    )
         if self.data.source == "synthetic" and self.model.vocab_size < self.data.synthetic_vocab:
             raise ConfigError(
                 f"model.vocab_size={self.model.vocab_size} < data.synthetic_vocab={self.data.synthetic_vocab}"

@@ -333,6 +333,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
         log_every=cfg.logging.log_every,
         weibull_every=cfg.logging.weibull_every,
         per_tensor=cfg.logging.per_tensor,
+        per_tensor_every=cfg.logging.per_tensor_every,
     )
     monitor.load_state_dict(extra.get("monitor", {}))
     watch = NonFiniteWatch(cfg.run.max_nonfinite_steps)
