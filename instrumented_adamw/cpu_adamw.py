@@ -372,9 +372,7 @@ def _probe(kernel: CpuAdamW, dtype: torch.dtype) -> Rounding:
     want = [body_probe.run_torch(cfg) for cfg in _PROBE_CONFIGS]
     body = next((v for v in range(_N_VARIANTS) if matches(body_probe, want, Rounding(0, v, everything_tail))), None)
     if body is None:
-        raise _Unavailable(
-            f"torch {torch.__version__}'s fused CPU AdamW rounds {name} unlike any variant the kernel has"
-        )
+        raise _Unavailable(f"torch {torch.__version__}'s fused CPU AdamW rounds {name} unlike every kernel variant")
     tail_probe = _Probe(_TAIL_SIZES, dtype, seed=1)
     want = [tail_probe.run_torch(cfg) for cfg in _PROBE_CONFIGS]
     itemsize = torch.empty((), dtype=dtype).element_size()
