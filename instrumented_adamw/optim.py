@@ -86,11 +86,16 @@ class InstrumentedAdamW(torch.optim.AdamW):
     exactly as torch's would, are counted in ``nonfinite_steps`` and kept out of the interval sums; steps skipped
     by ``GradScaler`` record nothing.
 
-    Update paths: single-tensor and foreach mirror torch's op for op (bitwise equal). ``fused=True`` on CUDA runs
-    our single-pass Triton kernel (``triton_adamw``): update and reductions in one read of p, g, m, v, with
-    parameters within fp32 rounding of torch's fused AdamW (not bitwise: fp32 math in another order). Elsewhere,
-    and for capturable/differentiable without fused, torch's own functional AdamW does the update and a post-pass
-    takes the reductions (bitwise equal).
+    Update paths: single-tensor and foreach mirror torch's op for op (bitwise equal); with default flags on CPU,
+    float32/float64 tensors take the foreach one, which there gives torch's single-tensor values bitwise.
+    ``fused=True`` on CPU runs a single-pass C kernel (``cpu_adamw``, built once with the system C compiler):
+    update and reductions in one read of p, g, m, v, bitwise equal to torch's fused CPU AdamW (float32/float64,
+    contiguous, without GradScaler); ``instrumented_adamw.cpu_adamw.status()`` says whether it is active. On CUDA
+    it runs our single-pass Triton kernel (``triton_adamw``), with parameters within fp32 rounding of torch's fused
+    AdamW (not bitwise: fp32 math in another order). Elsewhere (no compiler, half precision, GradScaler,
+    capturable/differentiable), torch's own functional AdamW does the update and a second pass takes the
+    reductions (bitwise equal). Under ``torch.compile`` the same choices hold (the CPU kernel is an operator in
+    the graph), so a compiled step is bitwise the compiled ``torch.optim.AdamW`` step with the same flags.
 
     Args:
         params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable, fused: as
