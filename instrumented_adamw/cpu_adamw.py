@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,17 +192,38 @@ def status() -> KernelStatus:
 
 
 def reset() -> None:
-    """Forget the loaded kernel and its status, so the next :func:`load` tries again (tests, a new ``$CC``)."""
-    global _kernel, _status
+    """Forget the loaded kernel, its status and the warning given, so the next :func:`load` tries again (tests, a
+    new ``$CC``)."""
+    global _kernel, _status, _warned
     with _lock:
-        _kernel, _status = None, None
+        _kernel, _status, _warned = None, None, False
 
 
 @torch.compiler.assume_constant_result
 def serves(dtype_name: str) -> bool:
-    """Whether the kernel serves this dtype; under ``torch.compile`` a constant decided (and built) at trace time."""
+    """Whether the kernel serves this dtype; under ``torch.compile`` a constant decided (and built) at trace time.
+    Where the kernel cannot be built or loaded at all, warns once: the caller asked for the fast path."""
     kernel = load()
-    return kernel is not None and kernel.supports(getattr(torch, dtype_name))
+    if kernel is None:
+        _warn_unavailable()
+        return False
+    return kernel.supports(getattr(torch, dtype_name))
+
+
+_warned = False
+
+
+def _warn_unavailable() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"InstrumentedAdamW(fused=True) on CPU: the single-pass kernel is not available ({status().reason}), so "
+            "tracking takes the two-pass path (torch's fused update, then a pass for the reductions), several times "
+            "slower; parameters are the same bitwise. instrumented_adamw.cpu_adamw.status() says which path is "
+            "active.",
+            stacklevel=2,
+        )
 
 
 def _load() -> CpuAdamW:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import pickle
 import re
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -575,12 +574,7 @@ class InstrumentedAdamW(torch.optim.AdamW):
                 return False
             if not all(t.dtype == p.dtype and t.is_contiguous() and t.layout == torch.strided for t in others):
                 return False
-        dtypes = {str(p.dtype).removeprefix("torch.") for p in params}
-        if all(cpu_adamw.serves(d) for d in dtypes):
-            return True
-        if not torch.compiler.is_compiling() and cpu_adamw.load() is None:
-            _warn_cpu_fallback()
-        return False
+        return all(cpu_adamw.serves(d) for d in {str(p.dtype).removeprefix("torch.") for p in params})
 
     def _triton_step(
         self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, tracked, *, group_index, amsgrad,
@@ -689,24 +683,6 @@ class InstrumentedAdamW(torch.optim.AdamW):
     def last_forces(self) -> ForceReadout:
         """Like :meth:`read_forces` without resetting the interval; ``.to_dict()`` gives the last step."""
         return self.read_forces(reset=False)
-
-
-_warned_cpu_fallback = False
-
-
-def _warn_cpu_fallback() -> None:
-    """Once per process: ``fused=True`` on CPU asked for speed, but the single-pass kernel could not be built or
-    loaded here, so tracking takes the two-pass path; say why and how to fix it."""
-    global _warned_cpu_fallback
-    if _warned_cpu_fallback:
-        return
-    _warned_cpu_fallback = True
-    warnings.warn(
-        f"InstrumentedAdamW(fused=True) on CPU: the single-pass kernel is not available ({cpu_adamw.status().reason}), "
-        "so tracking takes the two-pass path (torch's fused update, then a pass for the reductions), several times "
-        "slower; parameters are the same bitwise. instrumented_adamw.cpu_adamw.status() says which path is active.",
-        stacklevel=4,
-    )
 
 
 def _check_peak(value, what: str) -> None:
