@@ -536,8 +536,6 @@ class InstrumentedAdamW(torch.optim.AdamW):
         precision, where torch's two implementations differ.)
         ``local``: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs."""
         params = local[0]
-        if group["fused"] and tracking and not scaled and self._cpu_kernel_fits(group, local):
-            return "cpu"
         if (
             group["fused"]
             and not group["differentiable"]
@@ -545,6 +543,8 @@ class InstrumentedAdamW(torch.optim.AdamW):
             and all(p.is_contiguous() and not p.is_complex() for p in params)
         ):
             return "triton"
+        if group["fused"] and tracking and not scaled and self._cpu_kernel_fits(group, local):
+            return "cpu"
         if group["fused"] or group["capturable"] or group["differentiable"]:
             return "delegated"
         if isinstance(group["lr"], Tensor) or isinstance(group["betas"][0], Tensor):
