@@ -20,7 +20,7 @@ Complex parameters are reduced on their real view, which is what ‖W‖² of th
 
 from __future__ import annotations
 
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -31,6 +31,14 @@ from .reductions import reduce3, reduction_dtype
 
 Reductions = dict[int, Tensor]
 """Maps the index of a tensor in ``params`` to its ``[⟨W,û⟩, ‖û‖², ‖W‖²]`` vector."""
+
+
+class StackedReductions(NamedTuple):
+    """The reductions of ``params[i]`` for each ``i`` in ``positions``, as the rows of one float64 [n, 3] tensor on
+    one device: what a multi-tensor kernel returns, recorded without splitting it into a tensor per parameter."""
+
+    positions: list[int]
+    values: Tensor
 
 
 class Arena:

@@ -13,13 +13,16 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import _default_to_fused_or_foreach, _to_scalar, _use_grad_for_differentiable
 
+from . import cpu_adamw
 from .forces import ForceReadout, ForceStats, additive_columns, forces_from_reductions
-from .functional import Arena, delegated_adamw, multi_tensor_adamw, single_tensor_adamw
+from .functional import Arena, StackedReductions, delegated_adamw, multi_tensor_adamw, single_tensor_adamw
 from .reductions import sq_norm_exact
 
 WEIGHT_DECAY_SCHEDULES = ("lr", "lr_squared")
 #: Names given to tensors passed without names (``model.parameters()``); the monitor renames them from the model.
 _GENERIC_NAME = re.compile(r"group\d+\.param\d+")
+#: Dtypes for which torch's single-tensor and foreach AdamW agree bitwise on CPU (tests/test_torch_optim_db.py).
+_SAME_MATH_DTYPES = (torch.float32, torch.float64)
 #: Relative slack when checking lr_t ≤ η_max for ``lr_squared`` (schedulers compute the peak in float arithmetic).
 _PEAK_SLACK = 1e-9
 
@@ -82,11 +85,16 @@ class InstrumentedAdamW(torch.optim.AdamW):
     exactly as torch's would, are counted in ``nonfinite_steps`` and kept out of the interval sums; steps skipped
     by ``GradScaler`` record nothing.
 
-    Update paths: single-tensor and foreach mirror torch's op for op (bitwise equal). ``fused=True`` on CUDA runs
-    our single-pass Triton kernel (``triton_adamw``): update and reductions in one read of p, g, m, v, with
-    parameters within fp32 rounding of torch's fused AdamW (not bitwise: fp32 math in another order). Elsewhere,
-    and for capturable/differentiable without fused, torch's own functional AdamW does the update and a post-pass
-    takes the reductions (bitwise equal).
+    Update paths: single-tensor and foreach mirror torch's op for op (bitwise equal); with default flags on CPU,
+    float32/float64 tensors take the foreach one, which there gives torch's single-tensor values bitwise.
+    ``fused=True`` on CPU runs a single-pass C kernel (``cpu_adamw``, built once with the system C compiler):
+    update and reductions in one read of p, g, m, v, bitwise equal to torch's fused CPU AdamW (float32/float64,
+    contiguous, without GradScaler); ``instrumented_adamw.cpu_adamw.status()`` says whether it is active. On CUDA
+    it runs our single-pass Triton kernel (``triton_adamw``), with parameters within fp32 rounding of torch's fused
+    AdamW (not bitwise: fp32 math in another order). Elsewhere (no compiler, half precision, GradScaler,
+    capturable/differentiable), torch's own functional AdamW does the update and a second pass takes the
+    reductions (bitwise equal). Under ``torch.compile`` the same choices hold (the CPU kernel is an operator in
+    the graph), so a compiled step is bitwise the compiled ``torch.optim.AdamW`` step with the same flags.
 
     Args:
         params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable, fused: as
@@ -462,9 +470,16 @@ class InstrumentedAdamW(torch.optim.AdamW):
                 amsgrad=group["amsgrad"], lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=group["maximize"]
             )
 
-            path = self._path(group, local[0])
+            path = self._path(
+                group, local, scaled=grad_scale is not None or found_inf is not None, tracking=any(tracked)
+            )
             arena = self._arena if params[0].device.type == "cpu" and not compiling else None
-            if path == "triton":
+            if path == "cpu":
+                out = cpu_adamw.fused_adamw_cpu(*lists, beta1=beta1, beta2=beta2, **common)
+                positions = [i for i, flag in enumerate(tracked) if flag]
+                reductions = StackedReductions(positions, out if len(positions) == len(params) else out[positions])
+                skip = None
+            elif path == "triton":
                 reductions = self._triton_step(
                     *lists, group_index=g_index, beta1=beta1, beta2=beta2, grad_scale=grad_scale,
                     found_inf=found_inf, **common,
@@ -511,10 +526,16 @@ class InstrumentedAdamW(torch.optim.AdamW):
             return False
         return True
 
-    def _path(self, group: dict[str, Any], params: list[Tensor]) -> str:
-        """Same choice as ``torch.optim.adam.adam``. ``fused=True`` on CUDA runs our single-pass Triton kernel
-        (update + reductions); elsewhere fused, capturable, differentiable and tensor hyperparameters (lr or betas
-        given as tensors) delegate to torch's own update, which handles them bitwise as torch does."""
+    def _path(self, group: dict[str, Any], local: list[list[Tensor]], *, scaled: bool, tracking: bool) -> str:
+        """Same choice as ``torch.optim.adam.adam``. ``fused=True`` runs a single-pass kernel (update + reductions)
+        on CUDA (Triton) and, where it fits, on CPU (``cpu_adamw``); elsewhere fused, capturable, differentiable and
+        tensor hyperparameters (lr or betas given as tensors) delegate to torch's own update, which handles them
+        bitwise as torch does. With default flags on CPU, where torch runs its single-tensor implementation, float32
+        and float64 tensors take the multi-tensor one: torch's CPU foreach ops run the same per-tensor kernels
+        there, so the values are the same bitwise, and it is twice as fast (``docs/benchmarks.md``). (Not for half
+        precision, where torch's two implementations differ.)
+        ``local``: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs."""
+        params = local[0]
         if (
             group["fused"]
             and not group["differentiable"]
@@ -522,6 +543,8 @@ class InstrumentedAdamW(torch.optim.AdamW):
             and all(p.is_contiguous() and not p.is_complex() for p in params)
         ):
             return "triton"
+        if group["fused"] and tracking and not scaled and self._cpu_kernel_fits(group, local):
+            return "cpu"
         if group["fused"] or group["capturable"] or group["differentiable"]:
             return "delegated"
         if isinstance(group["lr"], Tensor) or isinstance(group["betas"][0], Tensor):
@@ -529,9 +552,29 @@ class InstrumentedAdamW(torch.optim.AdamW):
         foreach = group["foreach"]
         if foreach is None and group["fused"] is None:
             _, foreach = _default_to_fused_or_foreach(params, group["differentiable"], use_fused=False)
-            if foreach and isinstance(group["lr"], Tensor):
-                foreach = False
+            if not foreach and all(p.device.type == "cpu" and p.dtype in _SAME_MATH_DTYPES for p in params):
+                foreach = not torch.compiler.is_compiling()  # compiled, torch's own choice traces the same graph
         return "foreach" if foreach else "single"
+
+    @staticmethod
+    def _cpu_kernel_fits(group: dict[str, Any], local: list[list[Tensor]]) -> bool:
+        """Whether ``cpu_adamw`` can do this group's fused step bitwise as torch would: contiguous CPU tensors of a
+        dtype it serves and float hyperparameters. GradScaler's scale and found_inf, differentiable and tensor
+        hyperparameters stay with torch's own update. ``capturable`` is no reason: torch's fused CPU kernel ignores
+        it, and torch.compile sets it on every group while it traces ``step()``."""
+        params = local[0]
+        if group["differentiable"] or not params or params[0].device.type != "cpu":
+            return False
+        if isinstance(group["lr"], Tensor) or any(isinstance(b, Tensor) for b in group["betas"]):
+            return False
+        amsgrad = group["amsgrad"]
+        for i, p in enumerate(params):
+            others = [ts[i] for ts in local[1 : 5 if amsgrad else 4]]
+            if p.device.type != "cpu" or not p.is_contiguous() or p.is_complex():
+                return False
+            if not all(t.dtype == p.dtype and t.is_contiguous() and t.layout == torch.strided for t in others):
+                return False
+        return all(cpu_adamw.serves(d) for d in {str(p.dtype).removeprefix("torch.") for p in params})
 
     def _triton_step(
         self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, tracked, *, group_index, amsgrad,
@@ -576,6 +619,12 @@ class InstrumentedAdamW(torch.optim.AdamW):
             self._stats[device].record_unmeasured(tuple(rows), skip)
 
     def _record(self, params: list[Tensor], reductions, lr, weight_decay, skip: Tensor | None, mask=None) -> None:
+        if isinstance(reductions, StackedReductions):  # one device, already stacked in row order of positions
+            device, _ = self._rows[id(params[reductions.positions[0]])]
+            rows = tuple(self._rows[id(params[i])][1] for i in reductions.positions)
+            values = forces_from_reductions(reductions.values.to(device), lr, weight_decay)
+            self._stats[device].record(rows, values, skip, measured=mask)
+            return
         by_device: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
         for i, red in reductions.items():
             device, row = self._rows[id(params[i])]

@@ -30,6 +30,11 @@ def dot_f64(a: Tensor, b: Tensor) -> Tensor:
     """
     if a.shape != b.shape:
         raise ValueError(f"dot_f64 needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if torch.compiler.is_compiling():
+        # Under torch.compile the conversion, products and float64 sum become one loop over a and b (Inductor
+        # fuses them, and the û feeding them, without temporaries); the row-blocked bmm would be an external call
+        # on materialised operands.
+        return (a.to(torch.float64) * b.to(torch.float64)).sum()
     dtype = reduction_dtype(a.dtype)
     a = a.reshape(-1).to(dtype)
     b = b.reshape(-1).to(dtype)

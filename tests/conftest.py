@@ -28,6 +28,7 @@ for var, sub in (
     ("WANDB_CACHE_DIR", "wandb/cache"),
     ("WANDB_DATA_DIR", "wandb/data"),
     ("NETRC", "netrc-none"),  # no stored credentials (wandb reads ~/.netrc)
+    ("INSTRUMENTED_ADAMW_CACHE", "kernels"),  # the CPU kernel is built by this session, not found from an earlier one
 ):
     os.environ[var] = os.path.join(_HOME, sub)
 os.environ.pop("WANDB_API_KEY", None)

@@ -135,6 +135,31 @@ def test_config_matches_torch(dtype, desc, kwargs):
     assert list(ob.read_forces().steps) == [2, 2, 2, 0]
 
 
+_IMPL_FLAGS = ("foreach", "fused", "differentiable")
+_BASES = [(i, c) for i, c in zip(IDS, CASES, strict=True) if not any(c[2].get(f) for f in _IMPL_FLAGS)]
+
+
+@pytest.mark.parametrize(("dtype", "desc", "kwargs"), [c for _, c in _BASES], ids=[i for i, _ in _BASES])
+def test_default_flags_match_torch_default(dtype, desc, kwargs):
+    """No implementation flag: torch runs its single-tensor AdamW on CPU, ours its multi-tensor one (faster) for
+    float32 and float64; the parameters and state must still be torch's, bit for bit, in every dtype."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in _IMPL_FLAGS}
+    ref, err_ref = _outcome(lambda: _build(torch.optim.AdamW, dtype, kwargs))
+    ours, err_ours = _outcome(lambda: _build(InstrumentedAdamW, dtype, kwargs))
+    assert type(err_ours) is type(err_ref), (err_ref, err_ours)
+    if err_ref is not None:
+        return
+    (pa, oa), (pb, ob) = ref, ours
+    fast = dtype in (torch.float32, torch.float64)
+    assert ob._path(ob.param_groups[0], [pb], scaled=False, tracking=True) == ("foreach" if fast else "single")
+    _, err_ref = _outcome(lambda: _step(oa, pa, STEPS))
+    _, err_ours = _outcome(lambda: _step(ob, pb, STEPS))
+    assert type(err_ours) is type(err_ref) and str(err_ours) == str(err_ref), (err_ref, err_ours)
+    if err_ref is None:
+        _assert_same(pa, oa, pb, ob, "default flags")
+        assert list(ob.read_forces().steps) == [STEPS, STEPS, STEPS, 0]
+
+
 @pytest.mark.parametrize(("dtype", "desc", "kwargs"), [c for c in CASES if not c[2].get("differentiable")], ids=[
     i for i, c in zip(IDS, CASES, strict=True) if not c[2].get("differentiable")])  # fmt: skip
 def test_state_dicts_move_both_ways(dtype, desc, kwargs):
