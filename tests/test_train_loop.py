@@ -155,7 +155,8 @@ def test_hybrid_muon_run_logs_both_optimizers_and_resumes_bitwise(tmp_path):
     """optim.name=muon: Muon on the hidden matrices, AdamW on the rest, one budget per class; killed mid-run and
     rerun, the final weights are bitwise those of an uninterrupted run."""
     args = [*overrides(tmp_path, "hy"), "optim.name=muon", "optim.muon_lr=0.02", "schedule.total_steps=40",
-            "checkpoint.resume_every=20", "checkpoint.every=20", "logging.eval_every=20", "logging.weibull_every=20"]  # fmt: skip
+            "checkpoint.resume_every=20", "checkpoint.every=20", "logging.eval_every=20",
+            "logging.weibull_every=20"]  # fmt: skip
     straight = train(load_config(ROOT / "configs" / "demo.yaml", [*args, "run.name=hy_straight"]))
     tensors = read_jsonl(straight / "forces.jsonl")[-1]["tensors"]
     owners = {n: t["optimizer"] for n, t in tensors.items()}
