@@ -1,7 +1,21 @@
 """instrumented-adamw: see why weight norms grow under AdamW, live, at no measurable cost to training."""
 
 from .forces import FORCES, LAST_KEYS, QUANTITIES, ForceReadout
-from .optim import InstrumentedAdamW, unwrap_optimizer
+from .hybrid import HybridOptimizer
+from .muon import InstrumentedMuon, hybrid_param_groups
+from .optim import InstrumentedAdamW
+from .tracking import ForceTracking, unwrap_optimizer
 
-__all__ = ["FORCES", "LAST_KEYS", "QUANTITIES", "ForceReadout", "InstrumentedAdamW", "unwrap_optimizer"]
+__all__ = [
+    "FORCES",
+    "LAST_KEYS",
+    "QUANTITIES",
+    "ForceReadout",
+    "ForceTracking",
+    "HybridOptimizer",
+    "InstrumentedAdamW",
+    "InstrumentedMuon",
+    "hybrid_param_groups",
+    "unwrap_optimizer",
+]
 __version__ = "0.1.0"

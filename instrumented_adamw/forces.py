@@ -17,8 +17,10 @@ from torch import Tensor
 
 #: Per-step quantities, integrated over intervals. Order is the column order of the device table.
 QUANTITIES = ("w_dot_u", "u_sq", "w_sq", "align", "inject", "decay", "higher_order", "eta_lambda")
-#: What ``last_forces().to_dict()`` reports per tensor: the quantities plus the hyperparameters of that step.
-LAST_KEYS = QUANTITIES + ("lr", "weight_decay")
+#: What ``last_forces().to_dict()`` reports per tensor: the quantities plus the hyperparameters of that step:
+#: ``lr`` and ``weight_decay`` of the decay (shrink η·λ), ``update_lr`` the step size of the update direction
+#: (AdamW: η; Muon: η adjusted to the matrix shape by ``adjust_lr_fn``).
+LAST_KEYS = QUANTITIES + ("lr", "weight_decay", "update_lr")
 #: The four forces whose sum is Δ‖W‖² of a step.
 FORCES = ("align", "inject", "decay", "higher_order")
 
@@ -54,25 +56,39 @@ def additive_columns() -> list[bool]:
     return cols
 
 
-def forces_from_reductions(red: Tensor, lr, weight_decay) -> Tensor:
-    """``[k, 3]`` reductions ``(⟨W,û⟩, ‖û‖², ‖W‖²)`` -> ``[k, 10]`` rows in ``LAST_KEYS`` order.
+def forces_from_reductions(red: Tensor, lr, weight_decay, update_lr=None) -> Tensor:
+    """``[k, 3]`` reductions ``(⟨W,u⟩, ‖u‖², ‖W‖²)`` -> ``[k, len(LAST_KEYS)]`` rows in ``LAST_KEYS`` order.
 
-    ``eta_lambda`` = η·λ of the step (the per-step shrink factor of decoupled decay); its interval sum is the
-    interval's share of the training budget T/τ = Σ η_t λ_t.
+    For the update ``W₊ = (1 − ηλ)W − η_u·u`` (AdamW: u = û and η_u = η; Muon: u = O, the orthogonalised
+    momentum, and η_u the shape-adjusted lr):
+    align −2η_u⟨W,u⟩, inject η_u²‖u‖², decay −2ηλ‖W‖², higher order 2η_u·ηλ⟨W,u⟩ + (ηλ)²‖W‖², whose sum is
+    ‖W₊‖² − ‖W‖² exactly in real arithmetic. ``eta_lambda`` = η·λ (the per-step shrink of decoupled decay); its
+    interval sum is the interval's share of the training budget T/τ = Σ η_t λ_t.
 
-    ``lr`` and ``weight_decay`` are floats or one-element tensors of any shape, as torch accepts them (on any
-    device; moved without synchronising). The
-    identity ``align + inject + decay + higher_order = ‖(1-ηλ)W - ηû‖² - ‖W‖²`` holds exactly in real arithmetic.
+    ``lr`` and ``weight_decay`` are floats or one-element tensors of any shape, as torch accepts them (on any device;
+    moved without synchronising); ``update_lr`` is None (= ``lr``), a float, or a ``[k]`` tensor (one per row).
     """
     wu, uu, ww = red.unbind(1)
     eta, lam = _scalar(lr, red.device), _scalar(weight_decay, red.device)
-    align = -2.0 * eta * wu
-    inject = eta * eta * uu
-    decay = -2.0 * eta * lam * ww
-    higher = 2.0 * eta * eta * lam * wu + (eta * lam) * (eta * lam) * ww
-    eta_col = eta.expand_as(wu) if isinstance(eta, Tensor) else torch.full_like(wu, eta)
-    lam_col = lam.expand_as(wu) if isinstance(lam, Tensor) else torch.full_like(wu, lam)
-    return torch.stack((wu, uu, ww, align, inject, decay, higher, eta_col * lam_col, eta_col, lam_col), dim=1)
+    if update_lr is None:
+        eta_u = eta
+    elif isinstance(update_lr, Tensor) and update_lr.numel() == len(wu) and update_lr.dim() == 1:
+        eta_u = update_lr.to(red.device, torch.float64)
+    else:
+        eta_u = _scalar(update_lr, red.device)
+    shrink = eta * lam
+    align = -2.0 * eta_u * wu
+    inject = eta_u * eta_u * uu
+    decay = -2.0 * shrink * ww
+    higher = 2.0 * eta_u * shrink * wu + shrink * shrink * ww
+
+    def column(x):
+        return x.expand_as(wu) if isinstance(x, Tensor) else torch.full_like(wu, x)
+
+    eta_col, lam_col = column(eta), column(lam)
+    return torch.stack(
+        (wu, uu, ww, align, inject, decay, higher, eta_col * lam_col, eta_col, lam_col, column(eta_u)), dim=1
+    )
 
 
 #: Unit roundoff of fp32 (2^-24); ε₃₂ = 2u is torch.finfo(torch.float32).eps.
@@ -249,6 +265,19 @@ class ForceReadout:
             residual=residual,
             last_residual=last_residual,
         )
+
+    @classmethod
+    def concat(cls, readouts: list[ForceReadout]) -> ForceReadout:
+        """One read-out of several optimizers' (a hybrid run): rows in the given order; names must not repeat."""
+        names = [n for r in readouts for n in r.names]
+        if len(set(names)) != len(names):
+            raise ValueError("the read-outs track a tensor twice: each tensor belongs to one optimizer")
+        if not readouts:
+            return cls.empty()
+        fields = {
+            f: np.concatenate([getattr(r, f) for r in readouts]) for f in cls.__dataclass_fields__ if f != "names"
+        }
+        return cls(names=tuple(names), **fields)
 
     @classmethod
     def empty(cls) -> ForceReadout:

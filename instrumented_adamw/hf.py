@@ -21,8 +21,7 @@ import warnings
 from pathlib import Path
 
 from ._extras import require
-from .monitor import ForceMonitor, Reading
-from .optim import InstrumentedAdamW, unwrap_optimizer
+from .monitor import ForceMonitor, Reading, as_tracked
 from .sinks import JsonlSink, Sink
 
 _callbacks = require("transformers.trainer_callback", "the Hugging Face Trainer callback")
@@ -44,6 +43,8 @@ class ForceMonitorCallback(TrainerCallback):
             the Trainer's log rows).
         weibull_every: per-block Weibull fits every N steps (0 = never).
         per_tensor: per-tensor entries in the ``forces`` records.
+        optimizers: the optimizers to read, when the Trainer's optimizer is not one of ours or not all of them
+            (e.g. ``[muon, adamw]`` stepped by a wrapper of your own); default: the Trainer's.
     """
 
     def __init__(
@@ -52,19 +53,21 @@ class ForceMonitorCallback(TrainerCallback):
         log_every: int | None = None,
         weibull_every: int = 0,
         per_tensor: bool = True,
+        optimizers: list | None = None,
     ) -> None:
-        self._sinks, self._log_every = sinks, log_every
+        self._sinks, self._log_every, self._optimizers = sinks, log_every, optimizers
         self._weibull_every, self._per_tensor = weibull_every, per_tensor
         self.monitor: ForceMonitor | None = None
         self._pending: Reading | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        opt = unwrap_optimizer(optimizer)
-        if not isinstance(opt, InstrumentedAdamW):
+        opt = as_tracked(self._optimizers if self._optimizers is not None else optimizer)
+        if opt is None:
             raise TypeError(
-                f"ForceMonitorCallback needs the Trainer to use InstrumentedAdamW, got {type(opt).__name__}: pass "
-                "optimizers=(InstrumentedAdamW(model.named_parameters(), ...), scheduler) or "
-                "optimizer_cls_and_kwargs=(InstrumentedAdamW, {...}) to the Trainer"
+                f"ForceMonitorCallback needs the Trainer to use an instrumented optimizer, got "
+                f"{type(optimizer).__name__}: pass optimizers=(InstrumentedAdamW(model.named_parameters(), ...), "
+                "scheduler) or optimizer_cls_and_kwargs=(InstrumentedAdamW, {...}) to the Trainer (a Muon + AdamW "
+                "run: a HybridOptimizer, or ForceMonitorCallback(optimizers=[muon, adamw]))"
             )
         sinks: list[Sink] = []
         if state.is_world_process_zero:

@@ -39,13 +39,13 @@ import torch
 from torch import Tensor, nn
 
 from .forces import LAST_KEYS, QUANTITIES, ForceReadout
-from .optim import unwrap_optimizer
 from .sinks import FanOut, Sink
 from .taxonomy import classify_all
+from .tracking import ForceTracking, unwrap_optimizer
 from .weibull import fit_weibull
 
 _COL = {q: i for i, q in enumerate(QUANTITIES)}
-_LR, _WD = LAST_KEYS.index("lr"), LAST_KEYS.index("weight_decay")
+_LR, _WD, _ULR = LAST_KEYS.index("lr"), LAST_KEYS.index("weight_decay"), LAST_KEYS.index("update_lr")
 #: Per-class keys of the flat ``metrics`` records (``<class>/<key>``).
 METRIC_KEYS = (
     "align_share",
@@ -70,19 +70,22 @@ def shares(align: float, inject: float, decay: float) -> tuple[float, float, flo
     return abs(align) / total, abs(inject) / total, abs(decay) / total
 
 
-def equilibrium_norm(u_norm: float, cos: float, lr: float, weight_decay: float) -> float:
-    """‖W‖ at which one AdamW step leaves ‖W‖² unchanged, for a step direction of norm ‖û‖ at angle cos(W, û).
+def equilibrium_norm(
+    u_norm: float, cos: float, lr: float, weight_decay: float, update_lr: float | None = None
+) -> float:
+    """‖W‖ at which one step leaves ‖W‖² unchanged, for a step direction of norm ‖u‖ at angle cos(W, u).
 
-    Solves ‖(1 − ηλ)W − ηû‖² = ‖W‖² exactly (higher-order terms included):
-    a‖W‖² + b‖W‖ − d = 0 with a = ηλ(2 − ηλ), b = 2η(1 − ηλ)·cos·‖û‖, d = η²‖û‖². With cos = 0 (updates
-    independent of the weights, the assumption behind decay ∝ η²) this is ‖û‖·√(η/(λ(2 − ηλ))) ≈ ‖û‖√(η/2λ).
-    NaN without decay (no equilibrium).
+    Solves ‖(1 − ηλ)W − η_u·u‖² = ‖W‖² exactly (higher-order terms included), η_u the update's step size (AdamW:
+    η; Muon: the shape-adjusted lr): a‖W‖² + b‖W‖ − d = 0 with a = ηλ(2 − ηλ), b = 2η_u(1 − ηλ)·cos·‖u‖,
+    d = η_u²‖u‖². With cos = 0 (updates independent of the weights, the assumption behind decay ∝ η²) and η_u = η
+    this is ‖u‖·√(η/(λ(2 − ηλ))) ≈ ‖u‖√(η/2λ). NaN without decay (no equilibrium).
     """
+    eta_u = lr if update_lr is None else update_lr
     a = lr * weight_decay * (2.0 - lr * weight_decay)
     if not a > 0 or not math.isfinite(u_norm * cos):
         return math.nan
-    b = 2.0 * lr * (1.0 - lr * weight_decay) * cos * u_norm
-    d = lr * lr * u_norm * u_norm
+    b = 2.0 * eta_u * (1.0 - lr * weight_decay) * cos * u_norm
+    d = eta_u * eta_u * u_norm * u_norm
     return (-b + math.sqrt(b * b + 4.0 * a * d)) / (2.0 * a)
 
 
@@ -102,14 +105,14 @@ def aggregate(readout: ForceReadout, rows: np.ndarray, numel: np.ndarray) -> dic
     steps = np.maximum(readout.steps[rows], 1)
     u_norm = math.sqrt(float((readout.interval[rows, _COL["u_sq"]] / steps).sum()))  # interval-mean ‖û‖
     cos_interval = out["w_dot_u"] / math.sqrt(out["w_sq"] * out["u_sq"]) if out["w_sq"] * out["u_sq"] > 0 else math.nan
-    lr, wd = float(last[:, _LR].mean()), float(last[:, _WD].mean())
+    lr, wd, ulr = float(last[:, _LR].mean()), float(last[:, _WD].mean()), float(last[:, _ULR].mean())
     # Steps that moved W unmeasured (track_every > 1) leave the books open: no residual rather than a wrong one.
     closes = not (readout.unmeasured_steps[rows] > 0).any()
     residual = float(np.nansum(readout.residual[rows])) if closes else math.nan
     out.update(
         cos_w_u_interval=cos_interval,
-        rms_eq=equilibrium_norm(u_norm, cos_interval, lr, wd) / math.sqrt(n_el) if n_el else math.nan,
-        rms_eq_indep=equilibrium_norm(u_norm, 0.0, lr, wd) / math.sqrt(n_el) if n_el else math.nan,
+        rms_eq=equilibrium_norm(u_norm, cos_interval, lr, wd, ulr) / math.sqrt(n_el) if n_el else math.nan,
+        rms_eq_indep=equilibrium_norm(u_norm, 0.0, lr, wd, ulr) / math.sqrt(n_el) if n_el else math.nan,
     )
     out.update(
         align_share=a,
@@ -128,6 +131,21 @@ def aggregate(readout: ForceReadout, rows: np.ndarray, numel: np.ndarray) -> dic
     return out
 
 
+def as_tracked(optimizer):
+    """What the monitor reads: an instrumented optimizer (unwrapped from accelerate & co), a HybridOptimizer, or a
+    list of optimizers made into one; None if none of them is instrumented."""
+    from .hybrid import HybridOptimizer
+
+    if isinstance(optimizer, (list, tuple)):
+        optimizer = HybridOptimizer(optimizer)
+    inner = unwrap_optimizer(optimizer)
+    if isinstance(inner, ForceTracking):
+        return inner
+    if isinstance(inner, HybridOptimizer) and inner._tracking():
+        return inner
+    return None
+
+
 @dataclass
 class Reading:
     """One read of the forces, aggregated, before it is written: what :meth:`ForceMonitor.write` logs."""
@@ -141,8 +159,10 @@ class ForceMonitor:
     """Reads, aggregates and logs an :class:`InstrumentedAdamW`'s forces on log steps; fits Weibulls periodically.
 
     Args:
-        optimizer: the ``InstrumentedAdamW`` (tracking on), or a wrapper around it (accelerate's
-            ``AcceleratedOptimizer``, anything with ``.optimizer``).
+        optimizer: an instrumented optimizer (``InstrumentedAdamW``, ``InstrumentedMuon``; tracking on), a wrapper
+            around one (accelerate's ``AcceleratedOptimizer``, anything with ``.optimizer``), or several of them —
+            a list or a :class:`~instrumented_adamw.hybrid.HybridOptimizer` — read as one: one budget per class,
+            layer and tensor, each tensor entry naming the ``optimizer`` that moved it.
         model: optional; names tensors the optimizer knows only as ``group{g}.param{i}`` (built from
             ``model.parameters()``), and its ``config.model_type`` (HF models) picks the naming table of the
             taxonomy.
@@ -174,9 +194,12 @@ class ForceMonitor:
         trim: float = 0.1,
         names: Iterable[tuple[str, Tensor]] | None = None,
     ) -> None:
-        inner = unwrap_optimizer(optimizer)
-        if not hasattr(inner, "read_forces"):
-            raise TypeError(f"ForceMonitor needs an InstrumentedAdamW, got {type(optimizer).__name__}")
+        inner = as_tracked(optimizer)
+        if inner is None:
+            raise TypeError(
+                "ForceMonitor needs an instrumented optimizer (InstrumentedAdamW, InstrumentedMuon), a list of them "
+                f"or a HybridOptimizer, got {type(optimizer).__name__}"
+            )
         if log_every < 1 or weibull_every < 0:
             raise ValueError(f"log_every must be >= 1 and weibull_every >= 0, got {log_every}, {weibull_every}")
         if per_tensor_every < 0:
@@ -205,7 +228,10 @@ class ForceMonitor:
         self._t_over_tau: dict[str, float] = {}  # cumulative Σ η_t λ_t per class since training began
 
     def _index(self, params: list[tuple[str, Tensor]]) -> None:
-        """Classes, layers and sizes of the tracked tensors, in the optimizer's row order."""
+        """Classes, layers and sizes of the tracked tensors, in the optimizer's row order, and which optimizer
+        moves each (a hybrid run names it in every tensor entry)."""
+        owner = getattr(self.optimizer, "optimizer_of", None)
+        self._owner = owner() if owner is not None else {n: type(self.optimizer).__name__ for n, _ in params}
         self.names = [n for n, _ in params]
         self.roles = classify_all(self.names, self.model_type)
         self._params = dict(params)
@@ -276,7 +302,7 @@ class ForceMonitor:
                 role = self.roles[name]
                 last = {f"last_{k}": float(v) for k, v in zip(LAST_KEYS, readout.last[i], strict=True)}
                 tensors[name] = dict(agg, **last, numel=int(self._numel[i]), cls=role.cls, layer=role.layer,
-                                     component=role.component)  # fmt: skip
+                                     component=role.component, optimizer=self._owner.get(name))  # fmt: skip
             forces["tensors"] = tensors
         return Reading(step, metrics, forces)
 

@@ -22,7 +22,7 @@ def reduction_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _EXACT_DTYPES else torch.float32
 
 
-def dot_f64(a: Tensor, b: Tensor) -> Tensor:
+def dot_f64(a: Tensor, b: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """Σ a_i b_i as a 0-d float64 tensor, accumulated in fp32 over rows of ``ROW`` and float64 across rows.
 
     ``a`` and ``b`` must have the same shape; they are read in logical (row-major) order, so differing memory
@@ -35,7 +35,7 @@ def dot_f64(a: Tensor, b: Tensor) -> Tensor:
         # fuses them, and the û feeding them, without temporaries); the row-blocked bmm would be an external call
         # on materialised operands.
         return (a.to(torch.float64) * b.to(torch.float64)).sum()
-    dtype = reduction_dtype(a.dtype)
+    dtype = dtype or reduction_dtype(a.dtype)
     a = a.reshape(-1).to(dtype)
     b = b.reshape(-1).to(dtype)
     n = a.numel()
@@ -61,5 +61,7 @@ def sq_norm_exact(t: Tensor) -> Tensor:
 
 
 def reduce3(w: Tensor, u: Tensor) -> Tensor:
-    """The three per-tensor reductions ``[⟨w,u⟩, ‖u‖², ‖w‖²]`` as a float64 vector of length 3."""
-    return torch.stack((dot_f64(w, u), dot_f64(u, u), dot_f64(w, w)))
+    """The three per-tensor reductions ``[⟨w,u⟩, ‖u‖², ‖w‖²]`` as a float64 vector of length 3, all in the
+    arithmetic of the parameter's dtype (Muon's u is bf16 whatever W is: float64 W keeps float64 sums)."""
+    dtype = reduction_dtype(w.dtype)
+    return torch.stack((dot_f64(w, u, dtype), dot_f64(u, u, dtype), dot_f64(w, w, dtype)))

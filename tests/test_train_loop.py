@@ -149,3 +149,31 @@ def test_pretrained_model_from_a_local_directory(tmp_path):
     state = loaded.state_dict()
     assert state.keys() == reference.keys()
     assert all(torch.equal(state[k], reference[k]) for k in reference)
+
+
+def test_hybrid_muon_run_logs_both_optimizers_and_resumes_bitwise(tmp_path):
+    """optim.name=muon: Muon on the hidden matrices, AdamW on the rest, one budget per class; killed mid-run and
+    rerun, the final weights are bitwise those of an uninterrupted run."""
+    args = [*overrides(tmp_path, "hy"), "optim.name=muon", "optim.muon_lr=0.02", "schedule.total_steps=40",
+            "checkpoint.resume_every=20", "checkpoint.every=20", "logging.eval_every=20",
+            "logging.weibull_every=20"]  # fmt: skip
+    straight = train(load_config(ROOT / "configs" / "demo.yaml", [*args, "run.name=hy_straight"]))
+    tensors = read_jsonl(straight / "forces.jsonl")[-1]["tensors"]
+    owners = {n: t["optimizer"] for n, t in tensors.items()}
+    assert owners["gpt_neox.layers.0.mlp.dense_4h_to_h.weight"] == "InstrumentedMuon"
+    assert owners["gpt_neox.embed_in.weight"] == owners["gpt_neox.layers.0.input_layernorm.bias"] == "InstrumentedAdamW"
+    muon_entry = tensors["gpt_neox.layers.0.mlp.dense_4h_to_h.weight"]
+    assert muon_entry["last_update_lr"] > muon_entry["last_lr"]  # match_rms_adamw: 0.2·√max(A, B) > 1 here
+    cmd = [sys.executable, "-m", "train", str(ROOT / "configs" / "demo.yaml"), *args, "run.name=hy_killed"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    killed = subprocess.run(cmd, cwd=ROOT, env=dict(env, INSTRUMENTED_ADAMW_FAULT="step:31"), capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from step 20" in done.stdout + done.stderr
+    a = load_file(straight / "checkpoints" / "step_000040" / "model.safetensors")
+    b = load_file(tmp_path / "hy_killed" / "checkpoints" / "step_000040" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in read_jsonl(tmp_path / "hy_killed" / "metrics.jsonl")] == [
+        r["loss"] for r in read_jsonl(straight / "metrics.jsonl")
+    ]

@@ -107,6 +107,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    # "adamw", or "muon": Muon for the hidden 2-D matrices (attention and MLP weights), AdamW for embeddings, head,
+    # norms and biases (the usual hybrid split; instrumented_adamw.hybrid_param_groups)
+    name: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.01  # on every parameter (the papers' recipe)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -115,9 +118,26 @@ class OptimConfig:
     grad_clip: float | None = None  # None = no clipping (the papers' recipe)
     fused: bool | None = None  # None: torch's default choice of implementation
     track_every: int = 1
+    # name=muon: Muon's settings (its groups follow the same schedule and lr_squared choice, scaled to muon_lr)
+    muon_lr: float | None = None  # None: lr (with adjust_lr_fn=match_rms_adamw, AdamW's lr carries over)
+    muon_weight_decay: float | None = None  # None: weight_decay
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    muon_adjust_lr_fn: str = "match_rms_adamw"  # or "original" (Keller Jordan's sqrt(max(1, A/B)))
 
     def validate(self) -> None:
+        _choice("optim.name", self.name, ("adamw", "muon"))
         _positive("optim.lr", self.lr)
+        if self.muon_lr is not None:
+            _positive("optim.muon_lr", self.muon_lr)
+        if self.muon_weight_decay is not None and self.muon_weight_decay < 0:
+            raise ConfigError(f"optim.muon_weight_decay must be >= 0, got {self.muon_weight_decay}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ConfigError(f"optim.muon_momentum must lie in [0, 1), got {self.muon_momentum}")
+        if not 1 <= self.muon_ns_steps < 100:
+            raise ConfigError(f"optim.muon_ns_steps must be in [1, 100), got {self.muon_ns_steps}")
+        _choice("optim.muon_adjust_lr_fn", self.muon_adjust_lr_fn, ("original", "match_rms_adamw"))
         if self.weight_decay < 0:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
@@ -247,6 +267,11 @@ class Config:
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        if self.optim.name == "muon" and self.distributed.strategy == "fsdp":
+            raise ConfigError(
+                "optim.name=muon with distributed.strategy=fsdp: Muon orthogonalises whole matrices and FSDP2 "
+                "shards them; use distributed.strategy=ddp (or none) for Muon runs"
+            )
         if self.checkpoint.resume_every % self.logging.log_every:
             raise ConfigError(
                 f"checkpoint.resume_every={self.checkpoint.resume_every} must be a multiple of "

@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from instrumented_adamw import InstrumentedAdamW
 from instrumented_adamw.integrity import file_mark, write_durably
 from instrumented_adamw.monitor import ForceMonitor
 from instrumented_adamw.sinks import KINDS, JsonlSink, TensorBoardSink, WandbSink
@@ -38,6 +37,7 @@ from .config import Config
 from .data import build_data
 from .faults import fault_point
 from .models import build_model
+from .optimizers import build_optimizer, group_peaks
 from .schedule import lr_at
 
 
@@ -259,18 +259,8 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
     fsdp = cfg.distributed.strategy == "fsdp"
     if fsdp:
         shard_model(model)  # before the optimizer: it must see the DTensor shards
-    opt = InstrumentedAdamW(
-        model.named_parameters(),
-        lr=cfg.optim.lr,
-        betas=cfg.optim.betas,
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,  # on every parameter, as in the papers' recipe
-        fused=cfg.optim.fused,
-        track_every=cfg.optim.track_every,
-        weight_decay_schedule=cfg.optim.weight_decay_schedule,
-    )
-    for group in opt.param_groups:
-        group["initial_lr"] = cfg.optim.lr  # the peak: lr_squared decay scales by lr_t / peak
+    opt = build_optimizer(cfg.optim, model)  # InstrumentedAdamW, or Muon + AdamW (optim.name=muon)
+    peaks = group_peaks(opt)
 
     start, extra = 0, {}
     if state_name is not None:  # the decided state into the model, optimizer and RNG
@@ -409,8 +399,8 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
     try:
         for step in range(start, total):
             lr = lr_at(step, cfg.optim.lr, cfg.schedule)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            for group, peak in zip(opt.param_groups, peaks, strict=True):
+                group["lr"] = lr_at(step, peak, cfg.schedule)
             x, y = data.batch(step, rank, world)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast():
