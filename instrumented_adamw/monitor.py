@@ -176,6 +176,9 @@ class ForceMonitor:
             integrating them still closes the books; its ``last_*`` values and ‖W‖² are those of the read.
         model_type: overrides the model's ``config.model_type``.
         names: ``(name, parameter)`` pairs naming unnamed tensors by identity, for when there is no model.
+        open_books: take one read now (discarding the interval so far, if steps were taken before the monitor
+            existed), so the first interval's books open on exact norms; under FSDP2 every rank constructs the
+            monitor, so the read is collective like every other.
 
     Parameter groups added to the optimizer later (``add_param_group``) are picked up at the next read.
     """
@@ -193,6 +196,7 @@ class ForceMonitor:
         model_type: str | None = None,
         trim: float = 0.1,
         names: Iterable[tuple[str, Tensor]] | None = None,
+        open_books: bool = True,
     ) -> None:
         inner = as_tracked(optimizer)
         if inner is None:
@@ -226,6 +230,10 @@ class ForceMonitor:
             raise ValueError("the optimizer tracks no tensors (track=False or a track_filter that matches nothing)")
         self.last_record: dict[str, Any] | None = None
         self._t_over_tau: dict[str, float] = {}  # cumulative Σ η_t λ_t per class since training began
+        if open_books:
+            # The first interval opens on exact (float64) norms taken now, as every later one does at its read, so
+            # its residual is exact too, and a run resumed here books exactly as an uninterrupted one.
+            inner.read_forces(reset=True)
 
     def _index(self, params: list[tuple[str, Tensor]]) -> None:
         """Classes, layers and sizes of the tracked tensors, in the optimizer's row order, and which optimizer
