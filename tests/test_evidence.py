@@ -326,8 +326,10 @@ def test_prepare_packs_the_tokens_records_the_commit_and_checks_the_travel_size(
 
 
 def test_make_target_is_the_documented_command():
-    out = subprocess.run(["make", "-n", "gpu-evidence", "OUT=/tmp/x", "BUDGET_S=300"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
+    # Run as a recipe of `make test`, make inherits MAKELEVEL and would print "Entering directory" first.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "gpu-evidence", "OUT=/tmp/x", "BUDGET_S=300"], cwd=ROOT,
+                         capture_output=True, text=True, check=True, env=env).stdout  # fmt: skip
     assert '-m train.evidence run --out "/tmp/x" --budget 300 --parts checks,bench,runs' in out
     assert out.startswith("PYTHONPATH=. ")
 
