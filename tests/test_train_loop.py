@@ -127,6 +127,28 @@ def test_kill_and_rerun_equals_uninterrupted(reference_run, tmp_path):
         assert [r[key] for r in got] == [r[key] for r in ref]  # the monitor's cumulative state resumes too
 
 
+def test_stop_at_trains_the_first_steps_of_the_schedule_and_resumes(reference_run, tmp_path):
+    """``schedule.stop_at`` cuts a launch short on the full run's schedule (the lr at each step is the full run's),
+    and a later launch without it continues to the end, bitwise the uninterrupted run."""
+    first = train(load_config(ROOT / "configs" / "demo.yaml", [*overrides(tmp_path, "cut"), "schedule.stop_at=60"]))
+    ref = read_jsonl(reference_run / "metrics.jsonl")
+    cut = read_jsonl(first / "metrics.jsonl")
+    assert [r["step"] for r in cut] == [r["step"] for r in ref if r["step"] <= 60]
+    assert [r["lr"] for r in cut] == [r["lr"] for r in ref if r["step"] <= 60]  # not a 60-step schedule
+    assert [r["loss"] for r in cut] == [r["loss"] for r in ref if r["step"] <= 60]
+    assert cut[-1].get("val_loss") is not None  # the launch's last step is evaluated
+    assert json.loads((first / "resume" / "latest.json").read_text())["step"] == 60
+    train(load_config(ROOT / "configs" / "demo.yaml", overrides(tmp_path, "cut")))
+    a = load_file(reference_run / "checkpoints" / f"step_{TOTAL:06d}" / "model.safetensors")
+    b = load_file(first / "checkpoints" / f"step_{TOTAL:06d}" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    got = read_jsonl(first / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]
+    with pytest.raises(Exception, match="stop_at must be in"):
+        load_config(ROOT / "configs" / "demo.yaml", [*overrides(tmp_path, "x"), f"schedule.stop_at={TOTAL + 1}"])
+
+
 def test_pretrained_model_offline_error_names_the_remedy(monkeypatch):
     import huggingface_hub.constants
 

@@ -155,9 +155,14 @@ class ScheduleConfig:
     warmup_steps: int = 200
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
     kind: str = "cosine"  # "cosine" or "constant" (after warmup)
+    # Stop after this step, on the schedule of total_steps: the first steps of a long recipe (the CPU study's golden
+    # test), or a run cut to a time window; a later launch with a larger stop_at (or none) resumes it. None: total.
+    stop_at: int | None = None
 
     def validate(self) -> None:
         _positive("schedule.total_steps", self.total_steps)
+        if self.stop_at is not None and not 0 < self.stop_at <= self.total_steps:
+            raise ConfigError(f"schedule.stop_at must be in [1, total_steps={self.total_steps}], got {self.stop_at}")
         if not 0 <= self.warmup_steps < self.total_steps:
             raise ConfigError(f"schedule.warmup_steps must be in [0, total_steps), got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -249,7 +254,8 @@ class RunConfig:
 RESUME_FREE_FIELDS = frozenset(
     {"run.name", "run.out_dir", "run.device", "run.resume", "run.overwrite", "run.allow_config_change",
      "run.accept_damaged_logs", "run.max_nonfinite_steps", "logging.progress", "logging.report", "logging.wandb",
-     "logging.wandb_project", "logging.wandb_mode", "logging.tensorboard", "data.cache_dir", "distributed.backend"}
+     "logging.wandb_project", "logging.wandb_mode", "logging.tensorboard", "data.cache_dir", "distributed.backend",
+     "schedule.stop_at"}
 )  # fmt: skip
 
 

@@ -288,6 +288,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
     # ------------------------------------------------------------------ run directory and logging (rank 0)
     # Every rank has a monitor (under FSDP reading forces and fitting are collectives); only rank 0's has sinks.
     total = cfg.schedule.total_steps
+    end = cfg.schedule.stop_at or total  # the last step of this launch (the schedule stays that of `total`)
     sinks, jsonl = [], None
     if main:
         marks = rundir.prepare(plan, cfg, run_dir)  # logs cut back to the state, later outputs and leftovers gone
@@ -296,6 +297,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
             print(f"[train] {note}", file=sys.stderr, flush=True)
         if plan.state is not None:
             done_note = ": the run is already complete" if start >= total else ""
+            done_note = done_note or (f": schedule.stop_at={end} is already reached" if start >= end else "")
             print(f"[train] resumed from step {start} of {total} ({plan.state.directory}){done_note}",
                   file=sys.stderr, flush=True)  # fmt: skip
         jsonl = JsonlSink(run_dir, marks=None if marks is None else {k: marks[f"{k}.jsonl"] for k in KINDS})
@@ -361,7 +363,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
     if main and cfg.logging.progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=total, initial=start, desc=cfg.run.name, unit="step", dynamic_ncols=True)
+        progress = tqdm(total=end, initial=start, desc=cfg.run.name, unit="step", dynamic_ncols=True)
     losses = torch.zeros(cfg.logging.log_every, device=device)  # this interval's per-step losses, read on log steps
     t_last, steps_since = time.perf_counter(), 0
 
@@ -377,7 +379,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
         elapsed = time.perf_counter() - t_last
         scalars = {"loss": float(host.mean()), "lr": lr, "nonfinite/loss_steps": nonfinite,
                    "throughput(tok/s)": steps_since * tokens_per_step / elapsed}  # fmt: skip
-        if done % cfg.logging.eval_every == 0 or done == total:
+        if done % cfg.logging.eval_every == 0 or done == end:
             scalars["val_loss"] = evaluate(model, data, cfg, device, autocast, rank, world)
         record = monitor.log(done, **scalars)  # every rank: its interval restarts with rank 0's
         if progress is not None:
@@ -397,7 +399,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
         raise watch.error(done, what, kept["step"])
 
     try:
-        for step in range(start, total):
+        for step in range(start, end):
             lr = lr_at(step, cfg.optim.lr, cfg.schedule)
             for group, peak in zip(opt.param_groups, peaks, strict=True):
                 group["lr"] = lr_at(step, peak, cfg.schedule)
@@ -416,7 +418,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
             done = step + 1
             fault_point("step", done)
 
-            if done % cfg.logging.log_every == 0 or done == total:
+            if done % cfg.logging.log_every == 0 or done == end:
                 record = log_interval(done, lr)
                 fault_point("log", done)
                 watch.check(done, record, kept["step"])  # NaN/Inf: stop before anything is fitted or saved
@@ -425,7 +427,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
             if done in snapshots:
                 ensure_finite(done, lr, model.parameters(), "the weights hold NaN or Inf")
                 save_snapshot(run_dir, done, model, opt if cfg.checkpoint.save_optimizer else None, fsdp, main)
-            if done % cfg.checkpoint.resume_every == 0 or done == total:
+            if done % cfg.checkpoint.resume_every == 0 or done == end:
                 moments = (v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
                 ensure_finite(done, lr, [*model.parameters(), *moments], "the weights or Adam moments hold NaN or Inf")
                 save_state(done)
