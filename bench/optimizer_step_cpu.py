@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import statistics
@@ -24,7 +23,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import make_params
+from common import hardware, make_params, timer
 
 from instrumented_adamw import InstrumentedAdamW, cpu_adamw
 
@@ -72,40 +71,6 @@ def make_step(opt: torch.optim.Optimizer, how: str) -> Callable[[], None]:
     if how == "two-pass":  # the path fused=True takes where the C kernel cannot be built (no compiler)
         opt._cpu_kernel_fits = lambda group, local: False  # type: ignore[attr-defined]
     return opt.step
-
-
-def timer(device: str) -> Callable[[Callable[[], None]], float]:
-    """Seconds one call takes: wall clock on CPU, CUDA events on a GPU (after the queue is drained)."""
-    if device == "cpu":
-
-        def cpu(fn):
-            t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
-
-        return cpu
-
-    def cuda(fn):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-
-    return cuda
-
-
-def hardware(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads"
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from .reductions import reduce3
+from .reductions import reduce3, reduction_dtype
 from .tracking import ForceTracking
 
 #: The torch release that ships ``torch.optim.Muon``.
@@ -135,6 +135,10 @@ class InstrumentedMuon(ForceTracking, _muon_base()):
                 update = _zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
                 adjusted_lr = _adjust_lr(lr, group["adjust_lr_fn"], param.shape)
                 if measuring and id(param) in self._rows:
+                    if update.dtype != param.dtype and reduction_dtype(param.dtype) == param.dtype:
+                        # Newton-Schulz returns bf16; add_ below would widen it to W's dtype internally anyway
+                        # (exactly), so widening it once here serves the reductions and the update alike, bitwise.
+                        update = update.to(param.dtype)
                     reductions[i] = reduce3(param, update)  # pre-update W, the O the update uses
                     update_lr[i] = adjusted_lr
                 param.mul_(1 - lr * weight_decay)

@@ -64,4 +64,6 @@ def reduce3(w: Tensor, u: Tensor) -> Tensor:
     """The three per-tensor reductions ``[⟨w,u⟩, ‖u‖², ‖w‖²]`` as a float64 vector of length 3, all in the
     arithmetic of the parameter's dtype (Muon's u is bf16 whatever W is: float64 W keeps float64 sums)."""
     dtype = reduction_dtype(w.dtype)
+    if u.dtype != dtype and not torch.compiler.is_compiling():
+        u = u.to(dtype)  # once, not in each of the two dot products that read it (Muon's bf16 O)
     return torch.stack((dot_f64(w, u, dtype), dot_f64(u, u, dtype), dot_f64(w, w, dtype)))
