@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from instrumented_adamw.results import generate
 from instrumented_adamw.runs import load_run
@@ -34,6 +35,8 @@ from train.evidence import Log, ensure_tokens
 ROOT = Path(__file__).resolve().parent.parent
 CAMPAIGN = ROOT / "configs" / "campaign.yaml"
 LIMITS = bundle.Limits()
+#: The campaign's runs (configs/campaign.yaml), in priority order.
+N_RUNS = len(yaml.safe_load((ROOT / "configs" / "campaign.yaml").read_text())["runs"]["list"])
 
 
 def evidence(*args: str, tmp: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -84,7 +87,9 @@ def test_the_dry_run_says_so_and_runs_every_piece(dry):
         assert status[("bench", name)]["status"] == "done", status[("bench", name)]
     assert status[("runs", "pythia70m_s1")]["status"] == "done"
     later = [p for p in manifest["pieces"] if p["part"] == "runs" and p["name"] != "pythia70m_s1"]
-    assert len(later) == 11 and all(p["status"] == "not started" and "--max-runs 1" in p["reason"] for p in later)
+    assert len(later) == N_RUNS - 1 and all(
+        p["status"] == "not started" and "--max-runs 1" in p["reason"] for p in later
+    )
     assert manifest["wall_s"] <= 240
     model = manifest["calibration"]["model"]
     assert model["startup_s"]["source"] == "this window"  # what the run measured feeds the next predictions
@@ -245,7 +250,7 @@ def test_campaign_bookkeeping_and_validation(tmp_path):
     names = [r.name for r in c.runs]
     assert names[:4] == [f"pythia70m_s{i}" for i in (1, 2, 3, 4)]  # the priority order
     assert names[4:7] == ["pythia70m_lr3e-4_s1", "pythia70m_lr3e-3_s1", "llama70m_s1"]
-    assert [r.group for r in c.runs[7:]] == ["wd"] * 3 + ["lr_squared"] * 2
+    assert [r.group for r in c.runs[7:]] == ["wd"] * 3 + ["lr_squared"] * 2 + ["muon"]
     gpu, dry = resolve(c, c.runs[0], False), resolve(c, c.runs[0], True)
     assert gpu.data.source == "tokens" and gpu.model.compile and gpu.optim.fused and gpu.logging.per_tensor_every == 250
     assert gpu.checkpoint.every == 250 and gpu.checkpoint.resume_every == 20000  # a spline run
@@ -402,7 +407,9 @@ def test_runs_wait_for_a_kernel_that_fails_its_checks(tmp_path):
     proc = evidence("run", "--out", str(tmp_path / "out"), "--budget", "60", "--parts", "runs", tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = [p for p in check_bundle(tmp_path / "out")["pieces"] if p["part"] == "runs"]
-    assert len(runs) == 12 and all(p["status"] == "not started" and "kernel checks failed" in p["reason"] for p in runs)
+    assert len(runs) == N_RUNS and all(
+        p["status"] == "not started" and "kernel checks failed" in p["reason"] for p in runs
+    )
 
 
 def test_a_dry_run_bundle_replaces_the_same_pieces_and_keeps_the_others(dry, tmp_path):
