@@ -13,7 +13,7 @@ BUDGET_S ?= 540
 PARTS ?= checks,bench,runs
 EVIDENCE_ARGS ?=
 
-.PHONY: demo test lint bench mutate clean gpu-evidence gpu-prepare results
+.PHONY: demo test lint bench mutate study clean gpu-evidence gpu-prepare results
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/optimizer_step_cpu.py
 
 # Mutation testing of the core modules (hours on 2 cores; not in CI): kill rates and survivors for docs/testing.md.
+# The CPU study (configs/cpu_study/study.yaml): about 20 minutes per pair of runs on 2 cores; runs already in
+# results/cpu_study/ with the same config are skipped. Then results/cpu_study/ and docs/results.md are regenerated.
+study: $(BIN)/.installed
+	PYTHONPATH=. $(BIN)/python -m train.study
+
 mutate: $(BIN)/.installed
 	$(BIN)/python tools/mutate.py --jobs 2
 

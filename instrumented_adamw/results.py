@@ -34,6 +34,10 @@ from typing import Any
 import numpy as np
 
 from ._extras import require
+from .markdown import fmt_f as _f
+from .markdown import fmt_g as _g
+from .markdown import met as _met
+from .markdown import table as _table
 from .reference import (
     PAPER_BUDGET,
     PAPER_BUDGET_PRE_UPDATE,
@@ -52,6 +56,7 @@ from .reference import (
     PAPER_TWO_POINT_MEDIAN,
 )
 from .runs import RunLog, load_run
+from .study_results import section_cpu_study, section_muon_study
 
 #: The paper steps the share table reports (the released logs' pre-update recomputation exists at each).
 SHARE_STEPS = (250, 2500, 5000, 10_000, 20_000)
@@ -168,20 +173,6 @@ def load_results(root: str | Path, campaign: str | Path | None = None, *, dry: b
 
 
 # ---------------------------------------------------------------------------------------------- formatting
-def _f(v: float | None, digits: int = 1) -> str:
-    return "–" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
-
-
-def _g(v: float | None, digits: int = 4) -> str:
-    return "–" if v is None or not math.isfinite(v) else f"{v:.{digits}g}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _pending(what: str, runs: list[str] | None = None) -> str:
     names = f" ({', '.join(f'`{n}`' for n in runs)})" if runs else ""
     return f"*Pending:* {what}{names} — no GPU result is committed yet. Produced by {COMMAND}."
@@ -197,10 +188,6 @@ def _short(sha: str | None) -> str:
 
 def _device(record: dict[str, Any]) -> str:
     return record["device"]["name"] + (" (CPU dry run)" if record.get("dry_run") else "")
-
-
-def _met(ok: bool | None) -> str:
-    return "–" if ok is None else ("met" if ok else "**missed**")
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -225,7 +212,6 @@ def section_status(res: Results) -> str:
         lines.append(_table(["run", "group", "status", "what it is for"], rows))
     else:
         lines.append("No campaign file was given and no run is committed.")
-    lines += ["", "Not in the campaign yet: the hybrid Muon run — the trainer cannot express it (no optimizer choice)."]
     return "\n".join(lines)
 
 
@@ -670,6 +656,8 @@ SECTIONS: tuple[tuple[str, str, Callable[[Results], str]], ...] = (
     ("closed_loop", "Closed loop: exact vs published bookkeeping", section_closed_loop),
     ("spline", "Spline displacement recovery", section_spline),
     ("lr_squared", "Decay ∝ η²: steady state", section_lr_squared),
+    ("cpu_study", "CPU study: the phenomenon on 2 cores", lambda res: section_cpu_study(res.root / "cpu_study")),
+    ("muon_study", "Muon study: hybrid Muon + AdamW on CPU", lambda res: section_muon_study(res.root / "cpu_study")),
     ("benchmarks", "GPU benchmark targets", section_benchmarks),
     ("provenance", "Runs: provenance and speed", section_provenance),
     ("dry_run", "Pipeline dry run (CPU, not evidence)", section_dry_run),

@@ -93,6 +93,7 @@ def _environment(device: torch.device, world: int) -> dict:
         device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         world_size=world,
+        threads=torch.get_num_threads(),  # CPU timings depend on it
         git_sha=_git_sha(),
         argv=sys.argv,
     )
