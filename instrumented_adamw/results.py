@@ -23,8 +23,6 @@ it receives the :class:`Results` and reads its own folder from ``results.root``.
 from __future__ import annotations
 
 import difflib
-import json
-import lzma
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,7 +53,7 @@ from .reference import (
     PAPER_SPLINE_MEDIAN_LLAMA,
     PAPER_TWO_POINT_MEDIAN,
 )
-from .runs import RunLog, load_run
+from .runs import PackedRun, read_json
 from .study_results import section_cpu_study, section_muon_study
 
 #: The paper steps the share table reports (the released logs' pre-update recomputation exists at each).
@@ -71,23 +69,7 @@ BENCH_END = "<!-- END GENERATED: GPU benchmarks -->"
 
 # ---------------------------------------------------------------------------------------------- loading
 @dataclass
-class RunResult:
-    name: str
-    path: Path
-    record: dict[str, Any]
-    analysis: dict[str, Any]
-    _log: RunLog | None = None
-
-    @property
-    def log(self) -> RunLog:
-        if self._log is None:
-            self._log = load_run(self.path)
-        return self._log
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return self.record.get("config", {})
-
+class RunResult(PackedRun):
     @property
     def group(self) -> str:
         return self.record.get("group", "other")
@@ -133,29 +115,22 @@ class Results:
         return f.read_text().strip() if f.is_file() else ""
 
 
-def _json(path: Path) -> dict[str, Any]:
-    if path.suffix == ".xz":
-        return json.loads(lzma.decompress(path.read_bytes()))
-    return json.loads(path.read_text())
-
-
 def load_results(root: str | Path, campaign: str | Path | None = None, *, dry: bool = True) -> Results:
     """Everything committed under ``root`` (and ``root/dry_run`` as :attr:`Results.dry`)."""
     root = Path(root)
     res = Results(root)
     for f in sorted(root.glob("runs/*/run.json")):
-        analysis = next(
-            (_json(a) for a in (f.parent / "analysis.json", f.parent / "analysis.json.xz") if a.is_file()), {}
-        )
-        res.runs[f.parent.name] = RunResult(f.parent.name, f.parent, _json(f), analysis)
+        res.runs[f.parent.name] = RunResult.load(f.parent)
     for f in sorted(root.glob("checks/*/provenance.json")):
-        res.checks.append(dict(_json(f), **_json(f.parent / "checks.json"), folder=f.parent.relative_to(root)))
+        res.checks.append(dict(read_json(f), **read_json(f.parent / "checks.json"), folder=f.parent.relative_to(root)))
     for f in sorted(root.glob("bench/*/*/provenance.json")):
         result = f.parent / "result.json"
         res.bench.append(
-            dict(_json(f), result=_json(result) if result.is_file() else None, folder=f.parent.relative_to(root))
+            dict(
+                read_json(f), result=read_json(result) if result.is_file() else None, folder=f.parent.relative_to(root)
+            )
         )
-    res.windows = [_json(f) for f in sorted(root.glob("windows/*.json"))]
+    res.windows = [read_json(f) for f in sorted(root.glob("windows/*.json"))]
     if campaign is not None and Path(campaign).is_file():
         tree = require("yaml", "reading configs/campaign.yaml").safe_load(Path(campaign).read_text()) or {}
         for r in tree.get("runs", {}).get("list", []):

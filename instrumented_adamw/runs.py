@@ -103,3 +103,38 @@ def load_run(path: str | Path) -> RunLog:
     default = path.parent.name if path.name == "forces" and path.parent.name else path.name
     name = config.get("run", {}).get("name", default)
     return RunLog(path, name, config, read("metrics"), read("forces"), read("weibull"))
+
+
+@dataclass
+class PackedRun:
+    """A run as committed under ``results/``: its folder (compact logs, read lazily as :attr:`log`), its
+    ``run.json`` record (command, commit, device, resolved config, ...) and its ``analysis.json``."""
+
+    name: str
+    path: Path
+    record: dict[str, Any]
+    analysis: dict[str, Any]
+    _log: RunLog | None = None
+
+    @property
+    def log(self) -> RunLog:
+        if self._log is None:
+            self._log = load_run(self.path)
+        return self._log
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.record.get("config", {})
+
+    @classmethod
+    def load(cls, folder: Path) -> PackedRun:
+        """The packed run in ``folder`` (``run.json``, and ``analysis.json`` or ``analysis.json.xz`` if present)."""
+        analysis = next((read_json(a) for a in (folder / "analysis.json", folder / "analysis.json.xz") if a.is_file()),
+                        {})  # fmt: skip
+        return cls(folder.name, folder, read_json(folder / "run.json"), analysis)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file, ``xz``-compressed when its name ends in ``.xz``."""
+    raw = path.read_bytes()
+    return json.loads(lzma.decompress(raw) if path.suffix == ".xz" else raw)

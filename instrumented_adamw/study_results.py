@@ -9,8 +9,6 @@ runs of any length at the same *fraction* of training.
 
 from __future__ import annotations
 
-import json
-import lzma
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ import numpy as np
 from .markdown import fmt_f, fmt_g, met, table
 from .reference import PAPER_BUDGET_PRE_UPDATE, PAPER_RISE_ALIGN, PAPER_TOTAL_STEPS
 from .report import force_series, share_table
-from .runs import RunLog, load_run
+from .runs import PackedRun, RunLog
 
 CLS = "Transmission"
 #: The paper steps whose fraction of training the share table reads (1.25%, 12.5%, 25%, 50%, 100%).
@@ -37,19 +35,7 @@ COMMAND = "`make study` (`python -m train.study`)"
 
 
 @dataclass
-class StudyRun:
-    name: str
-    path: Path
-    record: dict[str, Any]
-    analysis: dict[str, Any]
-    _log: RunLog | None = None
-
-    @property
-    def log(self) -> RunLog:
-        if self._log is None:
-            self._log = load_run(self.path)
-        return self._log
-
+class StudyRun(PackedRun):
     @property
     def group(self) -> str:
         return self.record.get("group", "adamw")
@@ -64,7 +50,7 @@ class StudyRun:
 
     @property
     def optim(self) -> dict[str, Any]:
-        return self.record.get("config", {}).get("optim", {})
+        return self.config.get("optim", {})
 
     @property
     def label(self) -> str:
@@ -73,15 +59,7 @@ class StudyRun:
 
 def load_study(root: Path) -> list[StudyRun]:
     """Every packed run under ``root`` (``results/cpu_study``), by group, role and seed."""
-    runs = []
-    for f in sorted(root.glob("*/run.json")):
-        analysis = {}
-        for a in (f.parent / "analysis.json.xz", f.parent / "analysis.json"):
-            if a.is_file():
-                raw = a.read_bytes()
-                analysis = json.loads(lzma.decompress(raw) if a.suffix == ".xz" else raw)
-                break
-        runs.append(StudyRun(f.parent.name, f.parent, json.loads(f.read_text()), analysis))
+    runs = [StudyRun.load(f.parent) for f in sorted(root.glob("*/run.json"))]
     return sorted(runs, key=lambda r: (r.group, r.role, r.seed, r.name))
 
 
