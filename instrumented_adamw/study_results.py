@@ -283,7 +283,8 @@ def section_cpu_study(root: Path, docs_rel: str = "../results/cpu_study") -> str
         "",
         _lambda_table(runs),
         "",
-        "**k per block** at the last fit (Transmission: attention output `dense`, MLP output `dense_4h_to_h`):",
+        "**k per block** at the last fit (Transmission blocks: `o` attention output, `ffn_in` / `ffn_out` MLP in and "
+        "out; the half-normal anchor is 1.2054):",
         "",
         _k_table(runs),
         "",
@@ -301,6 +302,17 @@ def section_cpu_study(root: Path, docs_rel: str = "../results/cpu_study") -> str
     closed = [v for v in closed if v is not None]
     if len(closed) > 1:
         out += ["", f"Closed-loop logRMSE across the runs: {fmt_f(min(closed), 4)}–{fmt_f(max(closed), 4)}."]
+    for role, seeds in (("rise", rise), ("ttau", ttau)):
+        if len(seeds) < 2:
+            continue
+        spread = []
+        for s in sorted({int(k) for r in seeds for k in r.analysis.get("spline", {}) if str(k).isdigit()}):
+            meds = [r.analysis["spline"].get(str(s), {}).get("spline", {}).get("median") for r in seeds]
+            meds = [m for m in meds if m is not None]
+            if meds:
+                spread.append(f"S = {s}: {fmt_f(min(meds), 3)}–{fmt_f(max(meds), 3)}")
+        if spread:
+            out += ["", f"Spline recovery (step time) across the {role} seeds: " + "; ".join(spread) + "."]
     figs = _figures(root, ["lambda.png", "align_share.png", "rms.png"], docs_rel)
     if figs:
         out += ["", figs]
@@ -356,7 +368,7 @@ def section_muon_study(root: Path, docs_rel: str = "../results/cpu_study") -> st
 def study_figures(root: Path) -> list[Path]:
     """The study's comparison figures in ``root/figures``: class-mean λ, align share and RMS against the fraction
     of training for every AdamW run, and λ and RMS for the Muon runs beside their AdamW controls."""
-    from .plotting import colors, plt, save_figure
+    from .plotting import colors, compact_png, plt, save_figure
 
     runs = load_study(root)
     if not runs:
@@ -385,6 +397,7 @@ def study_figures(root: Path) -> list[Path]:
         ax.legend(loc="best")
         ax.grid(alpha=0.3)
         save_figure(fig, path)
+        compact_png(path)
         written.append(path)
 
     adamw = [r for r in runs if r.group == "adamw"]

@@ -108,6 +108,7 @@ def pack(
 ) -> Path:
     """The run's compact results folder (logs, analysis, figures, provenance)."""
     from instrumented_adamw.analysis import analyze_run
+    from instrumented_adamw.plotting import compact_png
     from instrumented_adamw.report import make_report
     from instrumented_adamw.runs import load_run
 
@@ -118,7 +119,9 @@ def pack(
     analysis = analyze_run(run_dir, tmp / "analysis_work", spacings=spacings or SPACINGS, cls="Transmission")
     report = make_report([run_dir], tmp / "report_work")
     for png in [*(tmp / "report_work").glob("*.png"), *(tmp / "analysis_work").glob("spline_recovery.png")]:
-        shutil.copy(png, tmp / "figures" / png.name)
+        if png.name != "align_share.png":  # results/cpu_study/figures/align_share.png has every run's
+            shutil.copy(png, tmp / "figures" / png.name)
+            compact_png(tmp / "figures" / png.name)
     text = (tmp / "analysis_work" / "analysis.json").read_text()
     (tmp / "analysis.json.xz").write_bytes(lzma.compress(text.encode(), preset=6))
     shutil.rmtree(tmp / "analysis_work")
