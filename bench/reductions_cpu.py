@@ -3,7 +3,8 @@
 Backs the choice in ``instrumented_adamw/reductions.py``: for each strategy, the median time of 5 calls and the
 relative error against a float64 dot product of the same data.
 
-    python bench/reductions_cpu.py [--numel 25755648]
+    python bench/reductions_cpu.py [--numel 25755648]     # one Pythia-70M embedding
+    python bench/reductions_cpu.py --numel 1048576        # one 512 x 2048 hidden matrix
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 
 import torch
 
-from instrumented_adamw.reductions import dot_f64
+from instrumented_adamw.reductions import ROW, dot_f64, sq_f64
 
 
 def timed(fn, repeats=5):
@@ -40,13 +41,21 @@ def main() -> None:
         "torch.dot fp32": lambda: torch.dot(w, u),
         "(w*u).sum() fp32": lambda: (w * u).sum(),
         "(w*u).sum(dtype=float64)": lambda: (w * u).sum(dtype=torch.float64),
-        "dot_f64 (row-blocked bmm)": lambda: dot_f64(w, u),
+        "dot_f64 (fp32 rows, float64 across)": lambda: dot_f64(w, u),
+        "row-blocked bmm (dot_f64 beyond ROWS_MAX)": lambda: torch.bmm(
+            w[: w.numel() // ROW * ROW].view(-1, 1, ROW), u[: u.numel() // ROW * ROW].view(-1, ROW, 1)
+        ).sum(dtype=torch.float64),
         "reference: torch.mul into reused buffer": lambda: torch.mul(w, u, out=out).sum(),
     }
+    sq_exact = torch.dot(w.double(), w.double()).item()
+    squares = {"sq_f64 (per-row vector_norm)": lambda: sq_f64(w), "dot_f64(w, w)": lambda: dot_f64(w, w)}
     print(f"{args.numel:,} fp32 elements, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, fn in strategies.items():
         t, v = timed(fn)
         print(f"{name:42s} {1e3 * t:8.1f} ms   rel. error {abs(v - exact) / abs(exact):.1e}")
+    for name, fn in squares.items():
+        t, v = timed(fn)
+        print(f"{name:42s} {1e3 * t:8.1f} ms   rel. error {abs(v - sq_exact) / abs(sq_exact):.1e}  (‖w‖²)")
 
 
 if __name__ == "__main__":

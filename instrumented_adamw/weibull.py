@@ -22,7 +22,7 @@ import torch
 from scipy import integrate, special
 from torch import Tensor
 
-from .reductions import ROW, dot_f64
+from .reductions import ROW, sq_f64
 
 #: Elements sorted at once: 2^25 fp32 values + the int64 indices torch.sort returns ≈ 400 MB of temporaries.
 #: A Pythia-70M embedding (25.8M) sorts in one piece; a 4096×14336 matrix (58.7M) in two.
@@ -160,7 +160,7 @@ def _abs_nonzero(
     else:
         a = flat.abs()
     if total:
-        sum_sq = dot_f64(a, a)
+        sum_sq = sq_f64(a)
         sum_abs = _sum_f64(a)
         n_nonzero = torch.count_nonzero(a)
         sum_sq, sum_abs, n = (v.item() for v in torch.stack((sum_sq, sum_abs, n_nonzero.double())))
