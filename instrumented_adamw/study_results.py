@@ -334,7 +334,7 @@ def section_muon_study(root: Path, docs_rel: str = "../results/cpu_study") -> st
         "Hybrid Muon + AdamW (`optim.name: muon`: `InstrumentedMuon` on the 16 hidden matrices, `InstrumentedAdamW` "
         "on embeddings, head, norms and biases; `adjust_lr_fn=match_rms_adamw`, so the AdamW runs' lr and wd carry "
         "over) against the AdamW runs of the same recipe (seed 1). The Transmission class is driven by Muon in the "
-        "hybrid runs: align = −2η_adj⟨W,O⟩, inject = η_adj²‖O‖², decay = −2ηλ‖W‖².",
+        "hybrid runs: align = −2η_u⟨W,O⟩, inject = η_u²‖O‖², decay = −2ηλ‖W‖² (η_u: Muon's shape-adjusted lr).",
         "",
     ]
     pairs = [r for key in (("adamw", "rise"), ("muon", "rise"), ("adamw", "ttau"), ("muon", "ttau"),
