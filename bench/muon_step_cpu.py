@@ -48,6 +48,7 @@ def main() -> None:
     steps = {
         "torch Muon": torch.optim.Muon(params, **kw).step,
         "InstrumentedMuon (tracking every step)": InstrumentedMuon(params, **kw).step,
+        "InstrumentedMuon (track=False)": InstrumentedMuon(params, track=False, **kw).step,
     }
     for label, step in steps.items():
         for _ in range(args.warmup):
@@ -57,7 +58,7 @@ def main() -> None:
     times: dict[str, list[float]] = {label: [] for label in steps}
     labels = list(steps)
     for r in range(args.rounds):
-        for label in labels[r % 2 :] + labels[: r % 2]:
+        for label in labels[r % len(labels) :] + labels[: r % len(labels)]:  # rotate: none always runs first
             times[label].append(clock(steps[label]))
     ms = {label: 1e3 * statistics.median(t) for label, t in times.items()}
     base = ms["torch Muon"]

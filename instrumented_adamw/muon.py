@@ -136,9 +136,10 @@ class InstrumentedMuon(ForceTracking, _muon_base()):
                 adjusted_lr = _adjust_lr(lr, group["adjust_lr_fn"], param.shape)
                 if measuring and id(param) in self._rows:
                     if update.dtype != param.dtype and reduction_dtype(param.dtype) == param.dtype:
-                        # Newton-Schulz returns bf16; add_ below would widen it to W's dtype internally anyway
-                        # (exactly), so widening it once here serves the reductions and the update alike, bitwise.
-                        update = update.to(param.dtype)
+                        # Newton-Schulz returns bf16, transposed for tall matrices; add_ below would widen it to W's
+                        # dtype internally anyway (exactly), so widening it once here, laid out as W, serves the
+                        # reductions (no copy to flatten it) and the update alike, bitwise.
+                        update = update.to(param.dtype, memory_format=torch.contiguous_format)
                     reductions[i] = reduce3(param, update)  # pre-update W, the O the update uses
                     update_lr[i] = adjusted_lr
                 param.mul_(1 - lr * weight_decay)
