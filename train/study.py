@@ -167,17 +167,18 @@ def adopt(runs: list[StudyRun], name: str, run_dir: str) -> int:
         print(f"study: {path} is not {name}: " + "; ".join(changes), file=sys.stderr)
         return 2
     env = json.loads((path / "env.json").read_text())
-    last = bundle_last_time(path)
+    last = last_record_time(path)
     wall = last - (path / "env.json").stat().st_mtime
     out = pack(run, path, wall, int(env.get("threads", 0)) or 1)
     print(f"study: {path} packed as {out} ({wall / 60:.1f} min)")
     return 0
 
 
-def bundle_last_time(run_dir: Path) -> float:
-    """The wall-clock time of a run's last metrics record."""
-    last = (run_dir / "metrics.jsonl").read_text().strip().splitlines()[-1]
-    return float(json.loads(last)["time"])
+def last_record_time(run_dir: Path) -> float:
+    """The wall-clock time of a run's last metrics record (read as the trainer's logs are: torn tail dropped)."""
+    from instrumented_adamw.sinks import read_jsonl
+
+    return float(read_jsonl(run_dir / "metrics.jsonl")[-1]["time"])
 
 
 def main(argv: list[str] | None = None) -> int:
