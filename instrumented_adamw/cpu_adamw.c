@@ -13,12 +13,15 @@
  *
  * Reductions are accumulated in double, in blocks of BLOCK elements whose partial sums are added in a fixed order
  * after the parallel loop: the result does not depend on the number of threads.
+ *
+ * iadamw_reduce3_*: the same three reductions of a given W and u in one read of both (InstrumentedMuon's O, and
+ * every CPU path that has u in hand), where torch would take three passes and a temporary.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
-#define IADAMW_ABI 1
+#define IADAMW_ABI 2
 /* Elements per work item. A multiple of every vector width torch uses, so blocks never split its vectors. */
 #define BLOCK 8192
 
@@ -246,3 +249,38 @@ typedef struct {
 
 IADAMW_STEP(float, sqrtf)
 IADAMW_STEP(double, sqrt)
+
+/* <w,u>, |u|^2, |w|^2 of two contiguous arrays of n elements into out[0..2], accumulated in double (the products
+ * of two floats are exact in double) in blocks summed in a fixed order. Returns 0, or 1 without scratch memory. */
+#define IADAMW_REDUCE3(T)                                                                                    \
+  int iadamw_reduce3_##T(const T *restrict w, const T *restrict u, int64_t n, double *out, int32_t threads) { \
+    const int64_t nb = (n + BLOCK - 1) / BLOCK;                                                              \
+    double local[3 * 8];                                                                                     \
+    double *partial = nb <= 8 ? local : malloc(sizeof(double) * 3 * (size_t)nb);                             \
+    if (!partial) return 1;                                                                                  \
+    _Pragma("omp parallel for schedule(static) num_threads(threads > 0 && nb > 1 ? threads : 1)")            \
+    for (int64_t b = 0; b < nb; b++) {                                                                       \
+      const int64_t s = b * BLOCK, e = s + BLOCK < n ? s + BLOCK : n;                                        \
+      double wu = 0.0, uu = 0.0, ww = 0.0;                                                                   \
+      _Pragma("omp simd reduction(+ : wu, uu, ww)") for (int64_t i = s; i < e; i++) {                        \
+        const double a = (double)w[i], c = (double)u[i];                                                     \
+        wu += a * c;                                                                                         \
+        uu += c * c;                                                                                         \
+        ww += a * a;                                                                                         \
+      }                                                                                                      \
+      partial[3 * b] = wu;                                                                                   \
+      partial[3 * b + 1] = uu;                                                                               \
+      partial[3 * b + 2] = ww;                                                                               \
+    }                                                                                                        \
+    out[0] = out[1] = out[2] = 0.0;                                                                          \
+    for (int64_t b = 0; b < nb; b++) {                                                                       \
+      out[0] += partial[3 * b];                                                                              \
+      out[1] += partial[3 * b + 1];                                                                          \
+      out[2] += partial[3 * b + 2];                                                                          \
+    }                                                                                                        \
+    if (partial != local) free(partial);                                                                     \
+    return 0;                                                                                                \
+  }
+
+IADAMW_REDUCE3(float)
+IADAMW_REDUCE3(double)

@@ -48,7 +48,7 @@ ENV_SWITCH = "INSTRUMENTED_ADAMW_CPU_KERNEL"
 ENV_CACHE = "INSTRUMENTED_ADAMW_CACHE"
 
 SOURCE = Path(__file__).with_name("cpu_adamw.c")
-_ABI = 1  # IADAMW_ABI in the C source
+_ABI = 2  # IADAMW_ABI in the C source
 _N_VARIANTS = 12  # N_VARIANTS in the C source: lerp (2) × second moment (3) × decay + step (2)
 _DTYPES = (torch.float32, torch.float64)
 _BASE_FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
@@ -125,15 +125,27 @@ class CpuAdamW:
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
         self._fn = {}
-        for dtype, name in ((torch.float32, "iadamw_step_float"), (torch.float64, "iadamw_step_double")):
-            fn = getattr(lib, name)
+        self._reduce3 = {}
+        for dtype, name in ((torch.float32, "float"), (torch.float64, "double")):
+            fn = getattr(lib, f"iadamw_step_{name}")
             fn.argtypes = [ctypes.POINTER(_Args)]
             fn.restype = ctypes.c_int
             self._fn[dtype] = fn
+            fn = getattr(lib, f"iadamw_reduce3_{name}")
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32]
+            fn.restype = ctypes.c_int
+            self._reduce3[dtype] = fn
         self.rounding: dict[torch.dtype, Rounding] = {}
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in self.rounding
+
+    def reduce3(self, w: Tensor, u: Tensor, out: Tensor) -> None:
+        """``out[:] = [⟨w,u⟩, ‖u‖², ‖w‖²]`` in one read of w and u (contiguous CPU tensors of one dtype, float32 or
+        float64, equal sizes; ``out`` a contiguous float64 CPU tensor of 3 elements), summed in float64."""
+        code = self._reduce3[w.dtype](w.data_ptr(), u.data_ptr(), w.numel(), out.data_ptr(), torch.get_num_threads())
+        if code:
+            raise MemoryError(f"cpu_adamw: the reduction failed (code {code}: no memory for {w.numel()} elements)")
 
     def run(
         self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps: Tensor, tracked: Tensor, out: Tensor, *,
@@ -162,9 +174,26 @@ class CpuAdamW:
             raise MemoryError(f"cpu_adamw: the C kernel failed (code {code}: no memory for {k} tensors' work items)")
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _kernel: CpuAdamW | None = None
 _status: KernelStatus | None = None
+_library: CpuAdamW | None = None
+_library_error: str | None = None
+
+
+def library() -> CpuAdamW | None:
+    """The built and loaded library, without probing torch's AdamW rounding (what the reductions need); None where
+    it cannot be built or loaded (no compiler, Windows, switched off by the environment)."""
+    global _library, _library_error
+    if _library is not None or _library_error is not None:
+        return _library
+    with _lock:
+        if _library is None and _library_error is None:
+            try:
+                _library = _open()
+            except _Unavailable as exc:
+                _library_error = str(exc)
+    return _library
 
 
 def load() -> CpuAdamW | None:
@@ -194,9 +223,9 @@ def status() -> KernelStatus:
 def reset() -> None:
     """Forget the loaded kernel, its status and the warning given, so the next :func:`load` tries again (tests, a
     new ``$CC``)."""
-    global _kernel, _status, _warned
+    global _kernel, _status, _warned, _library, _library_error
     with _lock:
-        _kernel, _status, _warned = None, None, False
+        _kernel, _status, _warned, _library, _library_error = None, None, False, None, None
 
 
 @torch.compiler.assume_constant_result
@@ -226,7 +255,8 @@ def _warn_unavailable() -> None:
         )
 
 
-def _load() -> CpuAdamW:
+def _open() -> CpuAdamW:
+    """Build (or find in the cache) and load the library."""
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         raise _Unavailable(f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
     if sys.platform == "win32":
@@ -238,7 +268,14 @@ def _load() -> CpuAdamW:
             raise _Unavailable(f"{path} has ABI {lib.iadamw_abi()}, expected {_ABI}")
     except OSError as exc:
         raise _Unavailable(f"could not load {path}: {exc}") from exc
-    kernel = CpuAdamW(lib, path)
+    return CpuAdamW(lib, path)
+
+
+def _load() -> CpuAdamW:
+    """The library with torch's rounding probed per dtype; raises where no dtype can be served."""
+    kernel = library()
+    if kernel is None:
+        raise _Unavailable(_library_error or "unavailable")
     misses = []
     for dtype in _DTYPES:
         try:

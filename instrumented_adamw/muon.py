@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
+from .functional import StackedReductions
 from .reductions import reduce3, reduction_dtype
 from .tracking import ForceTracking
 
@@ -125,8 +126,9 @@ class InstrumentedMuon(ForceTracking, _muon_base()):
                 continue
             lr = _to_scalar(group["lr"])
             weight_decay = self._effective_weight_decay(group, g_index)
-            reductions: dict[int, Tensor] = {}
-            update_lr: dict[int, Any] = {}
+            # Per device: positions in params, their reductions as rows of one float64 tensor (written in place,
+            # recorded with one call) and their update lrs.
+            measured: dict[torch.device, tuple[list[int], Tensor, list[Any]]] = {}
             for i, (param, grad, buf) in enumerate(zip(params, grads, bufs, strict=True)):
                 if grad.ndim != 2:
                     raise ValueError("Param gradient must be a 2D matrix")  # torch's message
@@ -138,24 +140,31 @@ class InstrumentedMuon(ForceTracking, _muon_base()):
                     if update.dtype != param.dtype and reduction_dtype(param.dtype) == param.dtype:
                         # Newton-Schulz returns bf16, transposed for tall matrices; add_ below would widen it to W's
                         # dtype internally anyway (exactly), so widening it once here, laid out as W, serves the
-                        # reductions (no copy to flatten it) and the update alike, bitwise.
+                        # reductions (one contiguous read) and the update alike, bitwise.
                         update = update.to(param.dtype, memory_format=torch.contiguous_format)
-                    reductions[i] = reduce3(param, update)  # pre-update W, the O the update uses
-                    update_lr[i] = adjusted_lr
+                    device = self._rows[id(param)][0]
+                    if device not in measured:
+                        table = torch.empty(len(params), 3, dtype=torch.float64, device=device)
+                        measured[device] = ([], table, [])
+                    positions, table, etas = measured[device]
+                    reduce3(param, update, out=table[len(positions)])  # pre-update W, the O the update uses
+                    positions.append(i)
+                    etas.append(adjusted_lr)
                 param.mul_(1 - lr * weight_decay)
                 param.add_(update, alpha=-adjusted_lr)
-            if reductions:
-                self._record(params, reductions, lr, weight_decay, None, mask, update_lr=_as_floats(update_lr))
-            elif self._track and not measuring:
+            for device, (positions, table, etas) in measured.items():
+                stacked = StackedReductions(positions, table[: len(positions)])
+                self._record(params, stacked, lr, weight_decay, None, mask, update_lr=_update_lrs(etas, device))
+            if self._track and not measuring:
                 self._record_unmeasured(params, None)
         return loss
 
 
-def _as_floats(update_lr: dict[int, Any]) -> dict[int, Any] | Tensor:
-    """Per-tensor update lrs as floats; with a tensor lr (capturable use) the values stay on the device."""
-    if all(not isinstance(v, Tensor) for v in update_lr.values()):
-        return {i: float(v) for i, v in update_lr.items()}
-    return {i: v for i, v in update_lr.items()}
+def _update_lrs(etas: list[Any], device: torch.device) -> Tensor:
+    """Per-tensor update lrs as one float64 [k] tensor on ``device``; a tensor lr (capturable use) stays there."""
+    if all(not isinstance(e, Tensor) for e in etas):
+        return torch.tensor([float(e) for e in etas], dtype=torch.float64).to(device)
+    return torch.stack([torch.as_tensor(e).to(device, torch.float64).reshape(()) for e in etas])
 
 
 def hybrid_param_groups(

@@ -10,6 +10,10 @@ Bounds, and why:
   rounding of 2^-24 per element, plus the reference's own û from the same stored moments), 1e-12 for float64;
   ⟨W,û⟩ within the same fraction of Σ|W·û|, its condition scale.
 * the reductions do not depend on the thread count (partial sums per work item, added in a fixed order): bitwise.
+* ``reductions.reduce3`` (⟨W,u⟩, ‖u‖², ‖W‖² of a given u, InstrumentedMuon's O) on contiguous CPU tensors of one
+  dtype takes the library's one-read reduction: float products are exact in float64, so within 1e-13 of Σ|terms|
+  (float64 summation of ≤ 3·8192 terms per block); other tensors, or no library, take torch ops, within their
+  worst-case bound ``forces.GAMMA_ROW`` (fp32 rows of 128 products) of Σ|terms|.
 * without a compiler (simulated: ``$CC`` missing or failing, or none on ``$PATH``), or when the probes find torch
   rounding otherwise, the kernel reports why and ``fused=True`` takes the two-pass path: a one-time warning, the
   same parameters bitwise, reductions as above.
@@ -121,6 +125,69 @@ def test_mixed_dtypes_untracked_rows_and_thread_count():
                             lr=1e-2, beta1=0.9, beta2=BETA2, weight_decay=0.1, eps=EPS, amsgrad=False,
                             maximize=False)  # fmt: skip
     assert all(torch.equal(a, b) for a, b in zip(ref, pa1, strict=True))
+
+
+def _reduce3_reference(w, u):
+    w, u = w.double().reshape(-1), u.double().reshape(-1)
+    exact = [(w * u).sum(), (u * u).sum(), (w * w).sum()]
+    scale = [(w * u).abs().sum(), (u * u).sum(), (w * w).sum()]
+    return torch.stack(exact), torch.stack(scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reduce3_reads_once_in_the_library_matches_float64_and_thread_count(dtype, monkeypatch):
+    from instrumented_adamw import reductions
+
+    lib = cpu_adamw.library()
+    assert lib is not None, "the library should build on this machine (gcc is installed)"
+    calls = []
+    real = lib.reduce3
+    monkeypatch.setattr(lib, "reduce3", lambda *a: calls.append(a[0].numel()) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    threads = torch.get_num_threads()
+    for n in SIZES + [8191, 8192, 8193]:
+        w = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+        u = torch.randn(n, generator=g, dtype=torch.float64).mul(1e-3).to(dtype)
+        exact, scale = _reduce3_reference(w, u)
+        got = []
+        try:
+            for n_threads in (1, 2):
+                torch.set_num_threads(n_threads)
+                got.append(reductions.reduce3(w, u))
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(got[0], got[1]), f"{n} elements: the sum depends on the thread count"
+        assert ((got[0] - exact).abs() <= 1e-13 * scale).all(), (n, got[0], exact)
+        out = torch.full((2, 3), float("nan"), dtype=torch.float64)
+        assert reductions.reduce3(w, u, out=out[1]) is not None and torch.equal(out[1], got[0])
+        assert out[0].isnan().all()  # only the row asked for is written
+    assert len(calls) == 3 * len(SIZES + [8191, 8192, 8193])
+
+
+def test_reduce3_takes_torch_ops_where_the_library_cannot_read_the_tensors(fresh_kernel, monkeypatch):
+    """Transposed, mixed-dtype and bf16 operands, and no library at all: the torch-op path, within its bound."""
+    from instrumented_adamw import reductions
+    from instrumented_adamw.forces import GAMMA_ROW
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(300, 70, generator=g)
+    cases = [
+        (w, torch.randn(70, 300, generator=g).t()),  # non-contiguous u (Newton-Schulz's O of a tall matrix)
+        (w, torch.randn(300, 70, generator=g).to(torch.bfloat16)),  # Muon's O before widening
+        (w.to(torch.bfloat16), torch.randn(300, 70, generator=g)),  # bf16 parameters reduce in fp32
+    ]
+    lib = cpu_adamw.library()
+    monkeypatch.setattr(lib, "reduce3", lambda *a: pytest.fail("the library cannot read these tensors"))
+    for a, b in cases:
+        exact, scale = _reduce3_reference(a.float(), b.float())
+        assert ((reductions.reduce3(a, b) - exact).abs() <= GAMMA_ROW * scale).all()
+    cpu_adamw.reset()
+    monkeypatch.setenv(cpu_adamw.ENV_SWITCH, "0")
+    assert cpu_adamw.library() is None
+    u = torch.randn(300, 70, generator=g)
+    exact, scale = _reduce3_reference(w, u)
+    out = torch.empty(3, dtype=torch.float64)
+    assert reductions.reduce3(w, u, out=out) is out and ((out - exact).abs() <= GAMMA_ROW * scale).all()
 
 
 def test_optimizer_takes_the_kernel_and_stays_torch_fused():
