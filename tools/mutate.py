@@ -58,6 +58,8 @@ TARGETS = {
 
 #: Calls whose removal or mutation a test cannot observe by design (output for people, not for programs).
 _SILENT_CALLS = {"print", "warn", "warning", "info", "debug", "write_text_note"}
+#: Calls not removed: output and logging. A dropped ``warnings.warn`` is a change users see (and tests check).
+_QUIET_REMOVALS = _SILENT_CALLS - {"warn"}
 _SWAP = {
     ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult,
     ast.FloorDiv: ast.Div, ast.Mod: ast.FloorDiv,
@@ -79,6 +81,7 @@ class Mutant:
     killer: str = ""
     tests: int = 0  # test ids run (0: the module's whole test files)
     lines: tuple[int, int] = (0, 0)  # the changed statement's lines, for selecting tests
+    nth: int = 0  # among mutants with the same line, kind and change (two + on one line)
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
@@ -105,11 +108,8 @@ def _skippable(node: ast.AST, parents: dict[int, ast.AST], source_lines: list[st
             return True
         if isinstance(parent, ast.FunctionDef) and cur is parent.returns:
             return True
-        if isinstance(parent, ast.Call):
-            fn = parent.func
-            name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
-            if name in _SILENT_CALLS:
-                return True
+        if isinstance(parent, ast.Call) and _call_name(parent) in _SILENT_CALLS:
+            return True
         cur = parent
     return False
 
@@ -144,16 +144,24 @@ def enumerate_mutants(module: str) -> list[tuple[Mutant, ast.Module]]:
             elif isinstance(node.value, float):
                 sites.append(("constant", pos, repr(node.value), repr(node.value * 2 if node.value else 1.0)))
         elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
-            sites.append(("remove_call", pos, ast.unparse(node)[:60], "pass"))
+            if _call_name(node.value) not in _QUIET_REMOVALS:
+                sites.append(("remove_call", pos, ast.unparse(node)[:60], "pass"))
     out = []
+    seen: dict[tuple, int] = {}
     for index, (kind, pos, before, after) in enumerate(sites):
         mutated = copy.deepcopy(tree)
         target = list(ast.walk(mutated))[pos]
         _apply(target, kind, after)
         line = getattr(nodes[pos], "lineno", 0)
         lines = _statement_lines(nodes[pos], parents)
-        out.append((Mutant(module, index, line, kind, before, after, lines=lines), mutated))
+        nth = seen[line, kind, before, after] = seen.get((line, kind, before, after), -1) + 1
+        out.append((Mutant(module, index, line, kind, before, after, lines=lines, nth=nth), mutated))
     return out
+
+
+def _call_name(call: ast.Call) -> str:
+    fn = call.func
+    return fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
 
 
 def _statement_lines(node: ast.AST, parents: dict[int, ast.AST]) -> tuple[int, int]:
@@ -227,12 +235,22 @@ def _apply(node: ast.AST, kind: str, after: str) -> None:
         node.value = ast.Constant(value=None)
 
 
-def run_mutant(mutant: Mutant, tree: ast.Module, workdir: Path, tests: list[str], timeout: float) -> Mutant:
+def _env(workdir: Path, threads: int) -> dict[str, str]:
+    """The environment of a test run in ``workdir``: its copy first on the path, and ``threads`` OpenMP threads.
+
+    Parallel workers must not oversubscribe the cores: OpenMP threads spin at every barrier, and two processes of
+    two spinning threads each on 2 cores turned a 60 s test file into a 300 s timeout (a false kill)."""
+    return dict(os.environ, PYTHONPATH=str(workdir), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS=str(threads))
+
+
+def run_mutant(
+    mutant: Mutant, tree: ast.Module, workdir: Path, tests: list[str], timeout: float, threads: int = 1
+) -> Mutant:
     """Run ``tests`` (files or test ids) against ``mutant`` written into ``workdir``'s copy of its module."""
     target = workdir / mutant.module
     original = target.read_text()
     target.write_text(ast.unparse(ast.fix_missing_locations(tree)) + "\n")
-    env = dict(os.environ, PYTHONPATH=str(workdir), PYTHONDONTWRITEBYTECODE="1")
+    env = _env(workdir, threads)
     t0 = time.perf_counter()
     try:
         done = subprocess.run(
@@ -271,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and report.exists():
         verdicts = [Mutant(**{**d, "lines": tuple(d["lines"])}) for d in json.loads(report.read_text())]
         earlier = {_key(m): m for m in verdicts if m.status in ("killed", "timeout")}
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
     copies = []
     for j in range(args.jobs):  # one copy of the repository per worker: mutants never share a file
         d = Path(tempfile.mkdtemp(prefix=f"mutate{j}-"))
@@ -299,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             t0 = time.perf_counter()
             try:
-                by_line = covering_tests(module, tests, copies[0], dict(os.environ, PYTHONPATH=str(copies[0])))
+                by_line = covering_tests(module, tests, copies[0], _env(copies[0], threads))
             except RuntimeError as err:
                 print(err, file=sys.stderr)
                 return 2
@@ -318,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 m.tests = 0 if selected is tests else len(selected)
                 workdir = free.get()  # a copy runs one mutant at a time
                 try:
-                    return run_mutant(m, tree, workdir, selected, timeout)
+                    return run_mutant(m, tree, workdir, selected, timeout, threads)
                 finally:
                     free.put(workdir)
 
@@ -338,17 +357,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _key(m: Mutant) -> tuple:
-    """A mutant's identity across runs: the same change at the same place (an edited module renumbers its sites)."""
-    return (m.module, m.index, m.line, m.kind, m.before, m.after)
+    """A mutant's identity across runs: the same change at the same place. Not its index, which a change to the
+    harness's rules renumbers; an edit that moves lines makes those mutants new."""
+    return (m.module, m.line, m.kind, m.before, m.after, m.nth)
 
 
 def summary(results: list[Mutant]) -> str:
-    rows = ["| module | mutants | killed | survived | kill rate |", "|---|---|---|---|---|"]
+    rows = [
+        "| module | mutants | killed by a test | killed by timeout | survived | errors | kill rate |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for module in dict.fromkeys(m.module for m in results):
         ms = [m for m in results if m.module == module]
-        killed = sum(m.status in ("killed", "timeout") for m in ms)
-        survived = sum(m.status == "survived" for m in ms)
-        rows.append(f"| `{module}` | {len(ms)} | {killed} | {survived} | {100 * killed / max(len(ms), 1):.1f}% |")
+        n = {s: sum(m.status == s for m in ms) for s in ("killed", "timeout", "survived", "error")}
+        rate = 100 * (n["killed"] + n["timeout"]) / max(len(ms), 1)
+        counts = " | ".join(str(n[s]) for s in ("killed", "timeout", "survived", "error"))
+        rows.append(f"| `{module}` | {len(ms)} | {counts} | {rate:.1f}% |")
     return "\n".join(rows)
 
 

@@ -1,0 +1,101 @@
+"""The mutation harness (``tools/mutate.py``, ``make mutate``): what it mutates and which tests each mutant runs.
+
+A wrong selection would make mutants survive that the suite kills (a selection too narrow) or waste hours (too
+wide), so the rules are pinned here on a small module: one change per mutant, never inside strings or messages;
+the tests run are those coverage saw executing the changed statement, in the module's test-file order, and the
+whole files for statements run at import time or never seen.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("mutate", ROOT / "tools" / "mutate.py")
+mutate = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("mutate", mutate)  # dataclasses look their module up there
+_spec.loader.exec_module(mutate)
+
+SOURCE = '''"""Docstring 1 + 2."""
+LIMIT = 3
+
+
+def f(x, y=2):
+    if x > LIMIT and y:
+        raise ValueError(f"x {x + 1} too big")
+    total = (x
+             + y)
+    print(x - 1)
+    g(x)
+    return -total + x + 1
+'''
+
+
+@pytest.fixture
+def module(tmp_path, monkeypatch):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text(SOURCE)
+    monkeypatch.setattr(mutate, "ROOT", tmp_path)
+    return "pkg/m.py"
+
+
+def test_each_mutant_is_one_change_outside_strings_and_messages(module):
+    mutants = mutate.enumerate_mutants(module)
+    kinds = sorted((m.line, m.kind, m.before, m.after) for m, _ in mutants)
+    assert kinds == [
+        (2, "constant", "3", "4"),
+        (5, "constant", "2", "3"),
+        (6, "boolop", "And", "Or"),
+        (6, "compare0", "Gt", "GtE"),
+        (8, "operator", "Add", "Sub"),
+        (11, "remove_call", "g(x)", "pass"),
+        (12, "constant", "1", "2"),
+        (12, "operator", "Add", "Sub"),
+        (12, "operator", "Add", "Sub"),
+        (12, "unary", "USub", "drop"),
+    ]  # not the docstring, the f-string in the raise, or print(...) and the arithmetic inside it
+    assert len({mutate._key(m) for m, _ in mutants}) == len(mutants)  # --resume tells the two + of line 12 apart
+    before = ast.unparse(ast.parse(SOURCE)).splitlines()
+    for _, tree in mutants:
+        after = ast.unparse(tree).splitlines()
+        assert len(after) == len(before)
+        assert sum(a != b for a, b in zip(after, before, strict=True)) == 1  # one change, nothing else moved
+
+
+def test_statement_lines_cover_multiline_statements_and_only_a_compound_header(module):
+    by_kind = {m.kind: m for m, _ in mutate.enumerate_mutants(module) if m.line < 12}
+    assert by_kind["operator"].lines == (8, 9)  # total = (x\n + y): coverage may record either line
+    assert by_kind["boolop"].lines == (6, 6)  # the if's header, not its body
+    assert by_kind["remove_call"].lines == (11, 11)
+
+
+def test_tests_run_are_those_executing_the_statement_else_the_whole_files(module):
+    mutants = {m.kind: m for m, _ in mutate.enumerate_mutants(module) if m.line < 12}
+    files = ["tests/test_b.py", "tests/test_a.py"]
+    by_line = {
+        2: {""},  # LIMIT = 3: at import
+        6: {"tests/test_a.py::test_x", "tests/test_b.py::test_z[1]"},
+        9: {"tests/test_a.py::test_y"},
+        8: {"tests/test_a.py::test_x"},
+    }
+    assert mutate.select_tests(mutants["operator"], by_line, files) == [
+        "tests/test_a.py::test_x",
+        "tests/test_a.py::test_y",
+    ]
+    assert mutate.select_tests(mutants["boolop"], by_line, files) == [
+        "tests/test_b.py::test_z[1]",
+        "tests/test_a.py::test_x",
+    ]  # in the order of the module's test files (fastest and most sensitive first)
+    assert mutate.select_tests(mutants["constant"], by_line, files) is files  # import time
+    assert mutate.select_tests(mutants["remove_call"], by_line, files) is files  # never seen: run everything
+
+
+def test_summary_counts_timeouts_as_kills_but_shows_them(module):
+    ms = [mutate.Mutant(module, i, 1, "k", "a", "b", status=s) for i, s in enumerate(["killed", "timeout", "survived"])]
+    row = mutate.summary(ms).splitlines()[-1]
+    assert row == "| `pkg/m.py` | 3 | 1 | 1 | 1 | 0 | 66.7% |"
