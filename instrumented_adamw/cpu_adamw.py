@@ -229,12 +229,13 @@ def reset() -> None:
 
 
 @torch.compiler.assume_constant_result
-def serves(dtype_name: str) -> bool:
+def serves(dtype_name: str, warn: bool = True) -> bool:
     """Whether the kernel serves this dtype; under ``torch.compile`` a constant decided (and built) at trace time.
-    Where the kernel cannot be built or loaded at all, warns once: the caller asked for the fast path."""
+    Where the kernel cannot be built or loaded at all, warns once (``warn``: the caller asked for the fast path)."""
     kernel = load()
     if kernel is None:
-        _warn_unavailable()
+        if warn:
+            _warn_unavailable()
         return False
     return kernel.supports(getattr(torch, dtype_name))
 

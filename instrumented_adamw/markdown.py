@@ -10,6 +10,11 @@ def fmt_f(v: float | None, digits: int = 1) -> str:
     return "–" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
+def fmt_shares(values, digits: int = 1) -> str:
+    """A force budget's shares as ``align / inject / decay`` (percent), or an en dash where there is none."""
+    return "–" if values is None else " / ".join(fmt_f(v, digits) for v in values)
+
+
 def fmt_g(v: float | None, digits: int = 4) -> str:
     """Significant digits, or an en dash for a missing or non-finite value."""
     return "–" if v is None or not math.isfinite(v) else f"{v:.{digits}g}"

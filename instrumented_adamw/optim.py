@@ -248,6 +248,19 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
             return "triton"
         if group["fused"] and tracking and not scaled and self._cpu_kernel_fits(group, local):
             return "cpu"
+        if (
+            torch.compiler.is_compiling()
+            and group["fused"] is None
+            and group["foreach"] is None
+            and tracking
+            and not scaled
+            and self._cpu_kernel_fits(group, local, warn=False)
+        ):
+            # Compiled with default flags on CPU: Inductor cannot fuse the reductions into the traced update (two
+            # passes, 2.7x compiled torch), while the kernel is one pass. Parameters are then torch's fused AdamW's
+            # bitwise, within fp32 rounding of compiled torch AdamW's (which differs from eager torch's anyway);
+            # foreach=False keeps the traced update, bitwise compiled torch. docs/benchmarks.md has the figures.
+            return "cpu"
         if group["fused"] or group["capturable"] or group["differentiable"]:
             return "delegated"
         if isinstance(group["lr"], Tensor) or isinstance(group["betas"][0], Tensor):
@@ -260,7 +273,7 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
         return "foreach" if foreach else "single"
 
     @staticmethod
-    def _cpu_kernel_fits(group: dict[str, Any], local: list[list[Tensor]]) -> bool:
+    def _cpu_kernel_fits(group: dict[str, Any], local: list[list[Tensor]], warn: bool = True) -> bool:
         """Whether ``cpu_adamw`` can do this group's fused step bitwise as torch would: contiguous CPU tensors of a
         dtype it serves and float hyperparameters. GradScaler's scale and found_inf, differentiable and tensor
         hyperparameters stay with torch's own update. ``capturable`` is no reason: torch's fused CPU kernel ignores
@@ -277,7 +290,7 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
                 return False
             if not all(t.dtype == p.dtype and t.is_contiguous() and t.layout == torch.strided for t in others):
                 return False
-        return all(cpu_adamw.serves(d) for d in {str(p.dtype).removeprefix("torch.") for p in params})
+        return all(cpu_adamw.serves(d, warn) for d in {str(p.dtype).removeprefix("torch.") for p in params})
 
     def _triton_step(
         self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, tracked, *, group_index, amsgrad,

@@ -34,6 +34,7 @@ import numpy as np
 from ._extras import require
 from .markdown import fmt_f as _f
 from .markdown import fmt_g as _g
+from .markdown import fmt_shares
 from .markdown import met as _met
 from .markdown import table as _table
 from .reference import (
@@ -229,7 +230,7 @@ def _share_cells(run: RunResult) -> tuple[dict[int, str], tuple[float, int] | No
 
     out, worst = {}, None
     for row in share_table(run.log, "Transmission", steps=SHARE_STEPS):
-        out[row["paper_step"]] = "–" if row["ours"] is None else " / ".join(_f(v) for v in row["ours"])
+        out[row["paper_step"]] = fmt_shares(row["ours"])
         if row["ours"] is not None and row["paper_pre"] is not None:
             d = row["ours"][0] - row["paper_pre"][0]
             if worst is None or abs(d) > abs(worst[0]):
@@ -250,8 +251,8 @@ def section_shares(res: Results) -> str:
             [
                 f"{step:,}",
                 *(cells[r.name][step] for r in runs),
-                " / ".join(_f(v) for v in PAPER_BUDGET[step]),
-                " / ".join(_f(v) for v in pre) if pre else "–",
+                fmt_shares(PAPER_BUDGET[step]),
+                fmt_shares(pre or None),
             ]
         )
     header = ["paper step", *(r.label for r in runs), "paper (post-update W)", "paper logs, pre-update W"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .markdown import fmt_f, fmt_g, met, table
+from .markdown import fmt_f, fmt_g, fmt_shares, met, table
 from .reference import PAPER_BUDGET_PRE_UPDATE, PAPER_RISE_ALIGN, PAPER_TOTAL_STEPS
 from .report import force_series, share_table
 from .runs import PackedRun, RunLog
@@ -151,14 +151,12 @@ def _share_table(runs: list[StudyRun]) -> str:
     cells = {}
     for r in runs:
         for row in share_table(r.log, CLS, steps=SHARE_STEPS):
-            cells[(r.name, row["paper_step"])] = (
-                "–" if row["ours"] is None else " / ".join(fmt_f(v) for v in row["ours"])
-            )
+            cells[(r.name, row["paper_step"])] = fmt_shares(row["ours"])
     rows = []
     for step in SHARE_STEPS:
         pre = PAPER_BUDGET_PRE_UPDATE.get(step)
         rows.append([f"{100 * step / PAPER_TOTAL_STEPS:g}% ({step:,})", *(cells[(r.name, step)] for r in runs),
-                     " / ".join(fmt_f(v) for v in pre) if pre else "–"])  # fmt: skip
+                     fmt_shares(pre or None)])  # fmt: skip
     return table(["fraction of training (paper step)", *(r.label for r in runs), "paper (pre-update W)"], rows)
 
 

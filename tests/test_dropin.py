@@ -17,7 +17,7 @@ from helpers import make_params, param_groups, set_grads
 from models import tiny_model
 from torch.optim import lr_scheduler as sched
 
-from instrumented_adamw import InstrumentedAdamW, unwrap_optimizer
+from instrumented_adamw import InstrumentedAdamW, cpu_adamw, unwrap_optimizer
 from instrumented_adamw.forces import fp32_closure_bound
 from instrumented_adamw.monitor import ForceMonitor
 from instrumented_adamw.sinks import JsonlSink, read_jsonl
@@ -32,39 +32,56 @@ def run(opt, params, steps, start=0):
 
 
 # ---------------------------------------------------------------------------------------------- compiled step
-def test_compiled_step_keeps_every_counter():
+def test_compiled_step_keeps_every_counter(monkeypatch):
     """torch.compile around opt.step() (as torch documents for its optimizers): track_every, interval steps,
-    unmeasured steps and the residual's definedness follow the calls, and parameters match eager torch AdamW."""
+    unmeasured steps and the residual's definedness follow the calls. With default flags on CPU the step is the
+    single-pass kernel (Inductor would make two passes): parameters are eager torch fused AdamW's, bitwise."""
     torch._dynamo.reset()
+    runs = []
+    real_step = cpu_adamw._step
+    monkeypatch.setattr(cpu_adamw, "_step", lambda *a: runs.append(1) or real_step(*a))
     pa, pb = make_params(), make_params()
-    ref = torch.optim.AdamW(param_groups(pa, 0.1, named=False))
+    ref = torch.optim.AdamW(param_groups(pa, 0.1, named=False), fused=True)
     ours = InstrumentedAdamW(param_groups(pb, 0.1), track_every=3)
 
     @torch.compile(fullgraph=False)
     def compiled_step():
         ours.step()
 
-    @torch.compile(fullgraph=False)
-    def compiled_ref_step():
-        ref.step()
-
     for s in range(7):  # calls 1, 4, 7 are measured
         set_grads(pa, s)
         set_grads(pb, s)
-        compiled_ref_step()
+        ref.step()
         compiled_step()
-    assert int(ours._calls) == 7
+    assert int(ours._calls) == 7 and len(runs) == 14  # the kernel, both groups, every call (the mask decides)
     r = ours.read_forces()
     assert list(r.steps) == [3] * 4 and list(r.unmeasured_steps) == [4] * 4
     assert np.isnan(r.residual).all()  # unmeasured steps moved W: the interval cannot close
     assert np.isfinite(r.last_residual).all()  # the last call (7) was measured
     for a, b in zip(pa.values(), pb.values(), strict=True):
-        assert torch.equal(a, b)  # the same traced update as compiled torch AdamW
+        assert torch.equal(a, b)
     # The next call is unmeasured; its change of W is not in the books, so the last-step residual is undefined.
     set_grads(pb, 7)
     compiled_step()
     r = ours.read_forces()
     assert list(r.steps) == [0] * 4 and list(r.unmeasured_steps) == [1] * 4 and np.isnan(r.last_residual).all()
+
+
+def test_compiled_step_with_foreach_false_is_compiled_torch_bitwise(monkeypatch):
+    """foreach=False (or no C compiler) keeps torch's traced update: bitwise compiled torch AdamW, no kernel."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(cpu_adamw, "_step", lambda *a: pytest.fail("foreach=False must not take the kernel"))
+    pa, pb = make_params(), make_params()
+    ref = torch.optim.AdamW(param_groups(pa, 0.1, named=False), foreach=False)
+    ours = InstrumentedAdamW(param_groups(pb, 0.1), foreach=False)
+    ref_step, our_step = torch.compile(ref.step), torch.compile(ours.step)
+    for s in range(3):
+        set_grads(pa, s)
+        set_grads(pb, s)
+        ref_step()
+        our_step()
+    assert all(torch.equal(a, b) for a, b in zip(pa.values(), pb.values(), strict=True))
+    assert list(ours.read_forces().steps) == [3] * 4
 
 
 # ---------------------------------------------------------------------------------------------- residual

@@ -110,7 +110,7 @@ def pack(
     from instrumented_adamw.analysis import analyze_run
     from instrumented_adamw.plotting import compact_png
     from instrumented_adamw.report import make_report
-    from instrumented_adamw.runs import load_run
+    from instrumented_adamw.sinks import read_jsonl
 
     out = (results or RESULTS) / run.name
     tmp = out.with_name(out.name + ".tmp")
@@ -131,10 +131,10 @@ def pack(
     for kind in ("metrics", "forces", "weibull"):
         sizes[f"{kind}.jsonl.xz"] = bundle.compact_jsonl(run_dir / f"{kind}.jsonl", tmp / f"{kind}.jsonl.xz")
     cfg = resolved(run)
-    log = load_run(run_dir)
-    last = log.metrics[-1]
-    val = [m["val_loss"] for m in log.metrics if m.get("val_loss") is not None]
-    tok_s = sorted(m["throughput(tok/s)"] for m in log.metrics if m.get("throughput(tok/s)"))
+    metrics = read_jsonl(run_dir / "metrics.jsonl")  # the summary needs the metrics only, not the forces again
+    last = metrics[-1]
+    val = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
+    tok_s = sorted(m["throughput(tok/s)"] for m in metrics if m.get("throughput(tok/s)"))
     record: dict[str, Any] = dict(
         kind="cpu_study", name=run.name, group=run.group, role=run.role, seed=run.seed,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
