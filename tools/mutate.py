@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import hashlib
 import json
 import os
 import queue
@@ -209,6 +210,27 @@ def covering_tests(module: str, tests: list[str], workdir: Path, env: dict[str, 
     return by_line
 
 
+def _coverage_cached(
+    module: str, tests: list[str], workdir: Path, threads: int, out: Path
+) -> tuple[dict[int, set[str]], float]:
+    """:func:`covering_tests` and its wall time, kept in ``out`` while the project's sources and tests are unchanged
+    (a resumed run does not pay the coverage run again)."""
+    digest = hashlib.sha256(module.encode())
+    for path in sorted(p for part in ("instrumented_adamw", "train", "tests") for p in (workdir / part).rglob("*.py")):
+        digest.update(path.relative_to(workdir).as_posix().encode() + path.read_bytes())
+    cache = out / f"coverage-{module.replace('/', '.')}.json"
+    if cache.exists():
+        kept = json.loads(cache.read_text())
+        if kept["digest"] == digest.hexdigest():
+            return {int(k): set(v) for k, v in kept["by_line"].items()}, kept["seconds"]
+    t0 = time.perf_counter()
+    by_line = covering_tests(module, tests, workdir, _env(workdir, threads))
+    seconds = time.perf_counter() - t0
+    cache.write_text(json.dumps({"digest": digest.hexdigest(), "seconds": seconds,
+                                 "by_line": {k: sorted(v) for k, v in by_line.items()}}))  # fmt: skip
+    return by_line, seconds
+
+
 def select_tests(mutant: Mutant, by_line: dict[int, set[str]], tests: list[str]) -> list[str]:
     """The test ids that execute the mutated statement, in ``tests``' file order; the whole files where the
     statement runs at import time, outside any test, or (as far as coverage saw) never."""
@@ -243,27 +265,108 @@ def _env(workdir: Path, threads: int) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(workdir), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS=str(threads))
 
 
-def run_mutant(
-    mutant: Mutant, tree: ast.Module, workdir: Path, tests: list[str], timeout: float, threads: int = 1
-) -> Mutant:
-    """Run ``tests`` (files or test ids) against ``mutant`` written into ``workdir``'s copy of its module."""
-    target = workdir / mutant.module
+#: Imported once per worker, before any mutant: a mutant's run then starts in a forked copy of a process that has
+#: them (pytest's start and these imports were 3-7 s of a 7.5 s kill). Only third-party packages: the project's
+#: own modules must be imported fresh from the mutated copy, and its torch.library operators registered once.
+_PRELOAD = ("numpy", "scipy.stats", "torch", "torch._dynamo", "transformers", "yaml", "pytest", "_pytest.pytester")
+
+
+class Runner:
+    """A pytest server for one repository copy: each run forks it, so the heavy imports are paid once.
+
+    The server (``python tools/mutate.py --serve``) reads one JSON request per line and answers with the exit code;
+    the forked child runs ``pytest.main`` with its output in a log file, and is killed at the timeout.
+    """
+
+    def __init__(self, workdir: Path, threads: int) -> None:
+        self.workdir = workdir
+        self.threads = threads
+        self.proc: subprocess.Popen | None = None
+
+    def _start(self) -> subprocess.Popen:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--serve"], cwd=self.workdir,
+                env=_env(self.workdir, self.threads), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+        return self.proc
+
+    def run(self, tests: list[str], timeout: float) -> tuple[int | None, str]:
+        """(pytest's exit code, or None at the timeout; its output)."""
+        log = self.workdir / ".mutant.log"
+        proc = self._start()
+        proc.stdin.write(json.dumps({"tests": tests, "timeout": timeout, "log": str(log)}) + "\n")
+        proc.stdin.flush()
+        answer = proc.stdout.readline()
+        if not answer:  # the server died: start a new one next time
+            self.proc = None
+            return -1, "the test server exited"
+        return json.loads(answer)["rc"], log.read_text(errors="replace") if log.exists() else ""
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+def serve() -> None:
+    """The loop of :class:`Runner`'s server (run in the copy, with its environment)."""
+    import importlib
+    import signal
+
+    for name in _PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: output to the log, a fresh import of the project, one pytest session
+            fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            code = 3
+            try:
+                import pytest
+
+                code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-p", "no:logging", *request["tests"]]))
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        deadline = time.monotonic() + request["timeout"]
+        rc = None
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                rc = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.05)
+        print(json.dumps({"rc": rc}), flush=True)
+
+
+def run_mutant(mutant: Mutant, tree: ast.Module, runner: Runner, tests: list[str], timeout: float) -> Mutant:
+    """Run ``tests`` (files or test ids) against ``mutant`` written into the runner's copy of its module."""
+    target = runner.workdir / mutant.module
     original = target.read_text()
     target.write_text(ast.unparse(ast.fix_missing_locations(tree)) + "\n")
-    env = _env(workdir, threads)
     t0 = time.perf_counter()
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:logging", *tests],
-            cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
-        mutant.status = "survived" if done.returncode == 0 else "killed"
-        if done.returncode not in (0, 1):
-            mutant.status = "killed" if done.returncode == 2 else "error"  # 2: collection error = killed
-        failed = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+        rc, output = runner.run(tests, timeout)
+        if rc is None:
+            mutant.status = "timeout"  # an infinite loop or a hang: counted as killed (the suite notices)
+        elif rc in (0, 1, 2):  # passed; a test failed; interrupted, e.g. the mutant broke collection (a kill)
+            mutant.status = "survived" if rc == 0 else "killed"
+        else:
+            mutant.status = "error"
+        failed = [line for line in output.splitlines() if line.startswith("FAILED")]
         mutant.killer = failed[0][7:90] if failed else ""
-    except subprocess.TimeoutExpired:
-        mutant.status = "timeout"  # an infinite loop or a hang: counted as killed (the suite notices)
     finally:
         target.write_text(original)
     mutant.seconds = time.perf_counter() - t0
@@ -276,19 +379,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="mutants run in parallel")
     parser.add_argument("--limit", type=int, default=0, help="only the first N mutants per module (a smoke run)")
     parser.add_argument("--out", default=str(ROOT / "mutants"))
+    parser.add_argument("--resume", action="store_true", help="keep the verdicts in OUT/report.json; run the rest")
     parser.add_argument(
-        "--resume",
+        "--retest",
         action="store_true",
-        help="keep the kills in OUT/report.json (new tests only add kills); rerun the rest",
+        help="with --resume: run the survivors again (after adding tests; kills are kept)",
     )
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve:
+        serve()
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = out / "report.json"
     earlier = {}
     if args.resume and report.exists():
         verdicts = [Mutant(**{**d, "lines": tuple(d["lines"])}) for d in json.loads(report.read_text())]
-        earlier = {_key(m): m for m in verdicts if m.status in ("killed", "timeout")}
+        kept = ("killed", "timeout") if args.retest else ("killed", "timeout", "survived")
+        earlier = {_key(m): m for m in verdicts if m.status in kept}
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     copies = []
     for j in range(args.jobs):  # one copy of the repository per worker: mutants never share a file
@@ -298,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             (shutil.copytree if src.is_dir() else shutil.copy)(src, d / part)
         copies.append(d)
     results: list[Mutant] = [m for m in earlier.values() if m.module not in args.modules]
+    free: queue.Queue[Runner] = queue.Queue()
+    for d in copies:
+        free.put(Runner(d, threads))
 
     def save() -> None:  # after every mutant: a killed run keeps its verdicts for --resume
         tmp = report.with_suffix(".tmp")
@@ -316,30 +428,26 @@ def main(argv: list[str] | None = None) -> int:
             if not mutants:
                 print(f"{module}: all {len(kept)} verdicts kept from {report}")
                 continue
-            t0 = time.perf_counter()
             try:
-                by_line = covering_tests(module, tests, copies[0], _env(copies[0], threads))
+                by_line, seconds = _coverage_cached(module, tests, copies[0], threads, out)
             except RuntimeError as err:
                 print(err, file=sys.stderr)
                 return 2
-            timeout = 3 * (time.perf_counter() - t0) + 60  # the coverage run is slower than any mutant's
+            timeout = 3 * seconds + 60  # the coverage run is slower than any mutant's
             print(
                 f"{module}: {len(mutants)} mutants against {len(tests)} test files (timeout {timeout:.0f} s)"
                 + (f", {len(kept)} verdicts kept" if kept else ""),
                 flush=True,
             )
-            free: queue.Queue[Path] = queue.Queue()
-            for d in copies:
-                free.put(d)
 
-            def task(m, tree, free=free, tests=tests, timeout=timeout, by_line=by_line):
+            def task(m, tree, tests=tests, timeout=timeout, by_line=by_line):
                 selected = select_tests(m, by_line, tests)
                 m.tests = 0 if selected is tests else len(selected)
-                workdir = free.get()  # a copy runs one mutant at a time
+                runner = free.get()  # a copy runs one mutant at a time
                 try:
-                    return run_mutant(m, tree, workdir, selected, timeout, threads)
+                    return run_mutant(m, tree, runner, selected, timeout)
                 finally:
-                    free.put(workdir)
+                    free.put(runner)
 
             with ThreadPoolExecutor(args.jobs) as pool:
                 futures = [pool.submit(task, m, tree) for m, tree in mutants]
@@ -350,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
                     if m.status not in ("killed", "timeout"):
                         print(f"  {m.status} {m.module}:{m.line} {m.kind} {m.before} -> {m.after}", flush=True)
     finally:
+        while not free.empty():
+            free.get().close()
         for d in copies:
             shutil.rmtree(d, ignore_errors=True)
     print(summary(results))
