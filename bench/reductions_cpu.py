@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from instrumented_adamw import cpu_adamw
 from instrumented_adamw.reductions import ROW, dot_f64, sq_f64
 
 
@@ -56,6 +57,27 @@ def main() -> None:
     for name, fn in squares.items():
         t, v = timed(fn)
         print(f"{name:42s} {1e3 * t:8.1f} ms   rel. error {abs(v - sq_exact) / abs(sq_exact):.1e}  (‖w‖²)")
+    # All three reductions of reduce3 (⟨w,u⟩, ‖u‖², ‖w‖²): the C library's one read against the torch ops.
+    lib = cpu_adamw.library()
+    triple = torch.empty(3, dtype=torch.float64)
+    u_exact = torch.dot(u.double(), u.double()).item()
+    exact3 = torch.tensor([exact, u_exact, sq_exact], dtype=torch.float64)
+    threes = {
+        "reduce3, torch ops (dot_f64 + 2 sq_f64)": lambda: torch.stack((dot_f64(w, u), sq_f64(u), sq_f64(w))),
+    }
+    if lib is not None:
+        threes["reduce3, C library (one read)"] = lambda: lib.reduce3(w, u, triple) or triple
+    else:
+        print(f"C library not available: {cpu_adamw.status().reason}")
+    for name, fn in threes.items():
+        fn()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            value = fn()
+            times.append(time.perf_counter() - t0)
+        err = ((value - exact3).abs() / exact3.abs()).max().item()
+        print(f"{name:42s} {1e3 * statistics.median(times):8.1f} ms   rel. error {err:.1e}  (all three, worst)")
 
 
 if __name__ == "__main__":
