@@ -27,18 +27,18 @@ FORCES = ("align", "inject", "decay", "higher_order")
 _NQ = len(QUANTITIES)
 _LAST = slice(0, len(LAST_KEYS))
 _SUM = slice(len(LAST_KEYS), len(LAST_KEYS) + _NQ)
-_START_W_SQ = _SUM.stop  # ‖W‖² before the first step integrated in the interval
-_STEPS = _START_W_SQ + 1  # steps integrated (finite, not skipped)
-_NONFINITE = _STEPS + 1  # steps whose reductions were NaN/Inf (kept out of the sums)
-_LAST_FINITE = _NONFINITE + 1  # 1.0 if the last recorded step was finite
-# Steps that moved W without being measured (``track_every > 1``). ‖W‖² changed over them too, so the interval's
-# books cannot close: the residual is reported as undefined (NaN) instead of as a misleading number.
-_UNMEASURED = _LAST_FINITE + 1
-_UNMEASURED_SINCE_LAST = _UNMEASURED + 1  # unmeasured steps after the last measured one (closes ``last_residual``)
-# 1.0 once a read has set the interval's starting ‖W‖² from its exact (float64) norm; until then (the first
-# interval) the first measured step's own ‖W‖² reduction stands in.
-_START_KNOWN = _UNMEASURED_SINCE_LAST + 1
-_WIDTH = _START_KNOWN + 1
+# Per-tensor counters after the interval sums (numbered in this order; the numbering is private to this file).
+(
+    _START_W_SQ,  # ‖W‖² before the first step integrated in the interval
+    _STEPS,  # steps integrated (finite, not skipped)
+    _NONFINITE,  # steps whose reductions were NaN/Inf (kept out of the sums)
+    _LAST_FINITE,  # 1.0 if the last recorded step was finite
+    _UNMEASURED,  # steps that moved W unmeasured (track_every > 1): the interval's books cannot close (NaN)
+    _UNMEASURED_SINCE_LAST,  # unmeasured steps after the last measured one (closes ``last_residual``)
+    _START_KNOWN,  # 1.0 once a read set the start ‖W‖² from its exact norm (until then: the first step's own)
+    _WIDTH,
+) = range(_SUM.stop, _SUM.stop + 8)
+
 
 #: Quantities that are sums over the elements of a tensor (everything but the per-step hyperparameters), so a
 #: sharded tensor's value is the sum of its shards' values.

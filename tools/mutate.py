@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Module -> the test files that cover it, fastest and most sensitive first (``-x`` stops at the first failure).
 TARGETS = {
     "instrumented_adamw/forces.py": [
-        "tests/test_behaviour.py", "tests/test_dropin.py", "tests/test_monitor_aggregates.py", "tests/test_parity.py",
+        "tests/test_forces.py", "tests/test_behaviour.py", "tests/test_dropin.py", "tests/test_monitor_aggregates.py",
+        "tests/test_parity.py", "tests/test_muon.py",
     ],
     "instrumented_adamw/optim.py": [
         "tests/test_behaviour.py", "tests/test_dropin.py", "tests/test_torch_optim_db.py", "tests/test_parity.py",
