@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +96,32 @@ def test_fp32_closure_bound_is_the_documented_bound():
     # Ordinary steps, decay-dominated ones, and a tensor that collapses in one step (W₊ = 0).
     for args in [(4.0, 3.9, 9.0, 1e-3, 0.1), (1e4, 9.9e3, 1e-2, 1e-2, 5.0), (4.0, 0.0, 9.0, 1e-3, 0.0)]:
         assert forces.fp32_closure_bound(*args) == pytest.approx(documented(*args), rel=1e-14), args
+
+
+def _readout(stats: ForceStats) -> forces.ForceReadout:
+    return forces.ForceReadout.from_tables(stats.names, stats.table.numpy(), np.ones(len(stats.names)))
+
+
+def test_record_with_a_device_mask_counts_unmeasured_steps_as_compiled_steps_do():
+    """Under torch.compile with track_every > 1 the choice to measure stays on the device: ``record`` gets the mask.
+    Counted here directly (coverage cannot see code that Dynamo traces, so this is where a slip would show)."""
+    stats = ForceStats(torch.device("cpu"))
+    stats.add_rows(["a", "b"])
+    red = torch.tensor([[0.5, 2.0, 3.0], [0.1, 1.0, 1.0]], dtype=torch.float64)
+    values = forces_from_reductions(red, 1e-2, 0.1)
+    for measured in (True, False, False, True, False):
+        stats.record((0, 1), values, measured=torch.tensor(measured))
+    r = _readout(stats)
+    assert list(r.steps) == [2, 2] and list(r.unmeasured_steps) == [3, 3] and list(r.nonfinite_steps) == [0, 0]
+    assert np.isnan(r.residual).all() and np.isnan(r.last_residual).all()  # one unmeasured step after the last
+    stats.record((1,), values[1:], measured=torch.tensor(True))
+    r = _readout(stats)
+    assert list(r.steps) == [2, 3] and np.isnan(r.last_residual[0]) and np.isfinite(r.last_residual[1])
+    # A skipped step (GradScaler found inf) changes nothing, measured or not.
+    before = stats.table.clone()
+    stats.record((0, 1), values, skip=torch.tensor(1.0), measured=torch.tensor(False))
+    stats.record((0, 1), values, skip=torch.tensor(1.0))
+    assert torch.equal(stats.table, before)
+    stats.record_unmeasured((0,))
+    stats.record_unmeasured((0,), skip=torch.tensor(1.0))
+    assert list(_readout(stats).unmeasured_steps) == [4, 3]

@@ -389,10 +389,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --resume: run the survivors again (after adding tests; kills are kept)",
     )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="print the table and the surviving mutants of OUT/report.json (markdown); run nothing",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         serve()
+        return 0
+    if args.report:
+        kept = [
+            Mutant(**{**d, "lines": tuple(d["lines"])})
+            for d in json.loads((Path(args.out) / "report.json").read_text())
+        ]
+        print(summary(kept) + "\n\n" + survivors(kept))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -468,6 +480,16 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(d, ignore_errors=True)
     print(summary(results))
     return 0
+
+
+def survivors(results: list[Mutant]) -> str:
+    """The surviving mutants as a markdown list, by module and line."""
+    out = []
+    for m in sorted(results, key=lambda m: (m.module, m.line, m.index)):
+        if m.status in ("survived", "error"):
+            note = "" if m.status == "survived" else " (error: the tests did not run)"
+            out.append(f"- `{m.module}:{m.line}` {m.kind}: `{m.before}` → `{m.after}`{note}")
+    return "\n".join(out) if out else "(none)"
 
 
 def _key(m: Mutant) -> tuple:
