@@ -203,12 +203,12 @@ class ForceStats:
     def reset_interval(self, w_sq_now: Tensor | None = None) -> None:
         """Start a new interval; ``w_sq_now`` (each row's exact ‖W‖² at this read) is where its books open."""
         self.table[:, _SUM] = 0.0
-        if w_sq_now is None:
-            self.table[:, _START_W_SQ] = 0.0
-            self.table[:, _START_KNOWN] = 0.0
-        else:
+        # Without a read's ‖W‖², the books open at the first measured step's own ‖W‖² (see ``record``); until then
+        # the start is unknown and the residual undefined.
+        known = w_sq_now is not None
+        if known:
             self.table[:, _START_W_SQ] = w_sq_now.to(self.table)
-            self.table[:, _START_KNOWN] = 1.0
+        self.table[:, _START_KNOWN] = float(known)
         self.table[:, _STEPS] = 0.0
         self.table[:, _NONFINITE] = 0.0
         self.table[:, _UNMEASURED] = 0.0

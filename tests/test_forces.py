@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -125,3 +126,52 @@ def test_record_with_a_device_mask_counts_unmeasured_steps_as_compiled_steps_do(
     stats.record_unmeasured((0,))
     stats.record_unmeasured((0,), skip=torch.tensor(1.0))
     assert list(_readout(stats).unmeasured_steps) == [4, 3]
+
+
+def test_nonfinite_steps_are_counted_apart_and_a_reset_clears_every_counter():
+    stats = ForceStats(torch.device("cpu"))
+    stats.add_rows(["a"])
+    good = forces_from_reductions(torch.tensor([[0.5, 2.0, 3.0]], dtype=torch.float64), 1e-2, 0.1)
+    bad = forces_from_reductions(torch.tensor([[float("nan"), 2.0, 3.0]], dtype=torch.float64), 1e-2, 0.1)
+    for values in (good, bad, bad, good):
+        stats.record((0,), values)
+    stats.record_unmeasured((0,))
+    r = _readout(stats)
+    assert (r.steps[0], r.nonfinite_steps[0], r.unmeasured_steps[0]) == (2, 2, 1) and r.last_finite[0]
+    np.testing.assert_allclose(r.interval[0], 2 * good[0, : len(forces.QUANTITIES)].numpy(), rtol=1e-15)
+    stats.reset_interval(torch.tensor([3.0], dtype=torch.float64))
+    r = _readout(stats)
+    assert (r.steps[0], r.nonfinite_steps[0], r.unmeasured_steps[0]) == (0, 0, 0)
+    assert (r.interval == 0).all() and r.residual[0] == 1.0 - 3.0  # books open at the read's ‖W‖²
+
+
+def test_a_reset_without_a_read_leaves_the_start_unknown_until_the_first_step():
+    stats = ForceStats(torch.device("cpu"))
+    stats.add_rows(["a"])
+    values = forces_from_reductions(torch.tensor([[0.5, 2.0, 3.0]], dtype=torch.float64), 1e-2, 0.1)
+    stats.reset_interval(torch.tensor([5.0], dtype=torch.float64))
+    stats.reset_interval(None)  # e.g. a table whose tensors were just (re)tracked
+    assert np.isnan(_readout(stats).residual).all()  # no read, no step: where the books open is unknown
+    stats.record((0,), values)
+    r = _readout(stats)
+    forces_sum = values[0, [forces.LAST_KEYS.index(f) for f in forces.FORCES]].sum().item()
+    assert r.residual[0] == pytest.approx(1.0 - 3.0 - forces_sum, rel=1e-15)  # opened at the step's own ‖W‖² = 3
+
+
+def test_readouts_concatenate_refuse_a_tensor_twice_and_are_immutable():
+    stats = ForceStats(torch.device("cpu"))
+    stats.add_rows(["a", "b"])
+    stats.record((0, 1), forces_from_reductions(torch.tensor([[0.5, 2.0, 3.0], [0.1, 1.0, 1.0]]).double(), 1e-2, 0.1))
+    r = _readout(stats)
+    other = forces.ForceReadout.from_tables(["c"], stats.table[:1].numpy(), np.ones(1))
+    both = forces.ForceReadout.concat([r, other])
+    assert both.names == ("a", "b", "c") and len(both) == 3 and list(both.steps) == [1, 1, 1]
+    np.testing.assert_array_equal(both.last[2], r.last[0])
+    assert len(forces.ForceReadout.concat([])) == 0 and forces.ForceReadout.concat([other]).names == ("c",)
+    with pytest.raises(ValueError, match="track a tensor twice"):
+        forces.ForceReadout.concat([r, r])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.steps = np.zeros(2)  # a read-out is a value: the monitor and sinks share it
+    rows = both.interval_dict()
+    assert rows["c"]["steps"] == 1 and rows["c"]["nonfinite_steps"] == 0 and rows["c"]["unmeasured_steps"] == 0
+    assert rows["a"]["residual"] == pytest.approx(float(r.residual[0])) and rows["a"]["align"] == r.interval[0, 3]
