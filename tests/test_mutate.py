@@ -91,8 +91,17 @@ def test_tests_run_are_those_executing_the_statement_else_the_whole_files(module
         "tests/test_b.py::test_z[1]",
         "tests/test_a.py::test_x",
     ]  # in the order of the module's test files (fastest and most sensitive first)
-    assert mutate.select_tests(mutants["constant"], by_line, files) is files  # import time
     assert mutate.select_tests(mutants["remove_call"], by_line, files) is files  # never seen: run everything
+    # LIMIT = 3 runs at import; what it changes shows where it is read (line 6): those tests, not whole files.
+    limit = next(m for m, _ in mutate.enumerate_mutants(module) if m.line == 2)
+    assert limit.uses == (6,)
+    assert mutate.select_tests(limit, by_line, files) == ["tests/test_b.py::test_z[1]", "tests/test_a.py::test_x"]
+    default = next(m for m, _ in mutate.enumerate_mutants(module) if m.line == 5)
+    assert default.uses == tuple(range(6, 13))  # y=2: the calls that omit y run the body
+    (mutate.ROOT / "tests").mkdir()
+    (mutate.ROOT / "tests" / "test_c.py").write_text("from pkg.m import LIMIT\n")
+    limit = next(m for m, _ in mutate.enumerate_mutants(module) if m.line == 2)
+    assert limit.uses is None and mutate.select_tests(limit, by_line, files) is files  # read elsewhere: everything
 
 
 def test_summary_counts_timeouts_as_kills_but_shows_them(module):

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,7 @@ class Mutant:
     tests: int = 0  # test ids run (0: the module's whole test files)
     lines: tuple[int, int] = (0, 0)  # the changed statement's lines, for selecting tests
     nth: int = 0  # among mutants with the same line, kind and change (two + on one line)
+    uses: tuple[int, ...] | None = None  # an import-time statement's effect: the lines that read what it defines
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
@@ -157,8 +159,74 @@ def enumerate_mutants(module: str) -> list[tuple[Mutant, ast.Module]]:
         line = getattr(nodes[pos], "lineno", 0)
         lines = _statement_lines(nodes[pos], parents)
         nth = seen[line, kind, before, after] = seen.get((line, kind, before, after), -1) + 1
-        out.append((Mutant(module, index, line, kind, before, after, lines=lines, nth=nth), mutated))
+        uses = _import_time_uses(nodes[pos], parents, tree, module)
+        out.append((Mutant(module, index, line, kind, before, after, lines=lines, nth=nth, uses=uses), mutated))
     return out
+
+
+def _import_time_uses(node: ast.AST, parents: dict[int, ast.AST], tree: ast.Module, module: str):
+    """Where a change made at import time shows: the function-body lines that read the names the statement binds
+    (a module constant, through the constants computed from it) or, for a default argument, the function's body.
+    None where that cannot be told from this module alone (a name other files import, a class body, a decorator,
+    a conditional definition): such mutants run the whole test files."""
+    chain = [node]
+    while id(chain[-1]) in parents:
+        chain.append(parents[id(chain[-1])])
+    top = chain[-2] if len(chain) > 1 else node  # the module-level statement holding node
+    inner = [n for n in chain[:-1] if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    if inner:
+        fn = inner[-1]
+        defaults = [*fn.args.defaults, *(d for d in fn.args.kw_defaults if d is not None)]
+        if any(d in chain for d in defaults):  # a default argument: the calls that omit it run the body
+            return _body_lines(fn)
+        if any(chain[k] in fn.body for k in range(len(chain))):
+            return None  # inside a function body: not import time (coverage selects its tests)
+        return None  # a decorator or an annotation
+    if not isinstance(top, (ast.Assign, ast.AnnAssign)):
+        return None
+    bound = _bound_names(top)
+    uses: set[int] = set()
+    seen: set[str] = set()
+    while bound - seen:
+        name = (bound - seen).pop()
+        seen.add(name)
+        if _used_elsewhere(name, module):
+            return None
+        for stmt in tree.body:
+            refs = [
+                n for n in ast.walk(stmt) if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load)
+            ]
+            if not refs:
+                continue
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = set(_body_lines(stmt))
+                if not all(r.lineno in body for r in refs):
+                    return None  # read in a default or decorator: import time again
+                uses.update(r.lineno for r in refs)
+            elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+                bound |= _bound_names(stmt)  # a constant computed from it: follow that one too
+            else:
+                return None  # read by a class body or module-level control flow
+    return tuple(sorted(uses))
+
+
+def _body_lines(fn: ast.AST) -> tuple[int, ...]:
+    return tuple(line for stmt in fn.body for line in range(stmt.lineno, stmt.end_lineno + 1))
+
+
+def _bound_names(stmt: ast.AST) -> set[str]:
+    targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+    return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+
+
+def _used_elsewhere(name: str, module: str) -> bool:
+    """Whether another source or test file names ``name`` (imports or reads it from this module)."""
+    pattern = re.compile(rf"\b{re.escape(name)}\b")
+    for part in ("instrumented_adamw", "train", "tests", "bench", "tools"):
+        for path in (ROOT / part).rglob("*.py"):
+            if path.relative_to(ROOT).as_posix() != module and pattern.search(path.read_text(errors="replace")):
+                return True
+    return False
 
 
 def _call_name(call: ast.Call) -> str:
@@ -233,12 +301,15 @@ def _coverage_cached(
 
 
 def select_tests(mutant: Mutant, by_line: dict[int, set[str]], tests: list[str]) -> list[str]:
-    """The test ids that execute the mutated statement, in ``tests``' file order; the whole files where the
-    statement runs at import time, outside any test, or (as far as coverage saw) never."""
+    """The test ids that execute the mutated statement, in ``tests``' file order. For a statement run at import
+    time, the tests that execute the lines reading what it defines (``Mutant.uses``); the whole files where that
+    cannot be told, or where the statement runs outside any test or (as far as coverage saw) never."""
     lo, hi = mutant.lines
     ids: set[str] = set()
     for line in range(lo, hi + 1):
         ids |= by_line.get(line, set())
+    if "" in ids and mutant.uses is not None:  # import time: the tests that read what the statement defines
+        ids = set().union(*(by_line.get(line, set()) for line in mutant.uses)) - {""}
     if not ids or "" in ids:
         return tests
     order = {path: k for k, path in enumerate(tests)}
