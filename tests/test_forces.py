@@ -167,7 +167,9 @@ def test_readouts_concatenate_refuse_a_tensor_twice_and_are_immutable():
     both = forces.ForceReadout.concat([r, other])
     assert both.names == ("a", "b", "c") and len(both) == 3 and list(both.steps) == [1, 1, 1]
     np.testing.assert_array_equal(both.last[2], r.last[0])
-    assert len(forces.ForceReadout.concat([])) == 0 and forces.ForceReadout.concat([other]).names == ("c",)
+    assert forces.ForceReadout.concat([other]).names == ("c",)
+    for empty in (forces.ForceReadout.concat([]), forces.ForceReadout.empty()):
+        assert len(empty) == 0 and empty.last.shape == (0, len(LAST_KEYS)) and empty.steps.shape == (0,)
     with pytest.raises(ValueError, match="track a tensor twice"):
         forces.ForceReadout.concat([r, r])
     with pytest.raises(dataclasses.FrozenInstanceError):
