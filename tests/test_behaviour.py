@@ -286,6 +286,22 @@ def test_bad_hyperparameters_name_the_problem(kwargs, message):
         InstrumentedAdamW([torch.nn.Parameter(torch.zeros(2))], **kwargs)
 
 
+def test_step_runs_torchs_graph_capture_health_check(monkeypatch):
+    """torch's AdamW refuses a CUDA/XPU graph capture of step() without capturable=True through this check; on a
+    machine without an accelerator it returns at once, so it is made to speak here."""
+
+    def check(self):
+        raise RuntimeError(f"capture check ran for {type(self).__name__}")
+
+    monkeypatch.setattr(torch.optim.Optimizer, "_accelerator_graph_capture_health_check", check)
+    for cls in (torch.optim.AdamW, InstrumentedAdamW):
+        p = torch.nn.Parameter(torch.zeros(3))
+        p.grad = torch.ones(3)
+        with pytest.raises(RuntimeError, match=f"capture check ran for {cls.__name__}"):
+            cls([p]).step()
+        assert (p == 0).all()  # before anything moved
+
+
 def test_capturable_on_cpu_raises_like_torch():
     p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
     p.grad = q.grad = torch.ones(3)

@@ -44,7 +44,7 @@ TARGETS = {
     ],
     "instrumented_adamw/optim.py": [
         "tests/test_behaviour.py", "tests/test_dropin.py", "tests/test_torch_optim_db.py", "tests/test_parity.py",
-        "tests/test_steady_state.py",
+        "tests/test_steady_state.py", "tests/test_cpu_kernel.py", "tests/test_triton.py",
     ],
     "instrumented_adamw/functional.py": [
         "tests/test_behaviour.py", "tests/test_parity.py", "tests/test_torch_optim_db.py", "tests/test_dropin.py",
