@@ -218,6 +218,31 @@ def test_optimizer_takes_the_kernel_and_stays_torch_fused():
     assert r.names == ("enc.weight", "dec.weight", "norm.weight") and list(r.steps) == [3, 3, 3]
 
 
+@pytest.mark.parametrize("case", ["tensor lr", "tensor betas", "non-contiguous param"])
+def test_what_the_kernel_does_not_take_stays_with_torchs_update(case, monkeypatch):
+    """The kernel takes contiguous real CPU tensors with float hyperparameters only; the rest is torch's own update
+    (its handling of tensor hyperparameters and views), bitwise."""
+    monkeypatch.setattr(cpu_adamw, "_step", lambda *a: pytest.fail(f"the kernel must not take a {case}"))
+    kwargs = {"fused": True, "lr": 1e-2}
+    dtype = torch.float32
+    if case == "tensor lr":
+        kwargs["lr"] = torch.tensor(1e-2)
+    elif case == "tensor betas":
+        kwargs["betas"] = (torch.tensor(0.9), torch.tensor(0.99))
+
+    def run(cls):
+        base = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        w = torch.nn.Parameter(base.t() if case == "non-contiguous param" else base)
+        opt = cls([w], **kwargs)
+        g = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            w.grad = torch.randn(w.shape, generator=g, dtype=dtype)
+            opt.step()
+        return w.detach()
+
+    assert torch.equal(run(torch.optim.AdamW), run(InstrumentedAdamW))
+
+
 def test_no_compiler_or_a_failing_one_falls_back_with_a_reason(fresh_kernel, monkeypatch, tmp_path):
     monkeypatch.setenv(cpu_adamw.ENV_CACHE, str(tmp_path))  # nothing built: every attempt reaches the compiler
     monkeypatch.setenv("CC", "/nonexistent/cc")
