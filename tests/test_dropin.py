@@ -67,6 +67,47 @@ def test_compiled_step_keeps_every_counter(monkeypatch):
     assert list(r.steps) == [0] * 4 and list(r.unmeasured_steps) == [1] * 4 and np.isnan(r.last_residual).all()
 
 
+def test_compiled_default_step_without_the_kernel_is_compiled_torch_and_quiet(monkeypatch):
+    """No C compiler (simulated): a compiled step with default flags keeps torch's traced update, bitwise compiled
+    torch AdamW, and says nothing (the kernel was not asked for, unlike fused=True)."""
+    import warnings
+
+    torch._dynamo.reset()
+    cpu_adamw.reset()
+    monkeypatch.setenv(cpu_adamw.ENV_SWITCH, "0")
+    try:
+        pa, pb = make_params(), make_params()
+        ref = torch.optim.AdamW(param_groups(pa, 0.1, named=False))
+        ours = InstrumentedAdamW(param_groups(pb, 0.1))
+        ref_step, our_step = torch.compile(ref.step), torch.compile(ours.step)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*single-pass kernel.*")
+            for s in range(2):
+                set_grads(pa, s)
+                set_grads(pb, s)
+                ref_step()
+                our_step()
+        assert all(torch.equal(a, b) for a, b in zip(pa.values(), pb.values(), strict=True))
+        assert list(ours.read_forces().steps) == [2] * 4
+    finally:
+        cpu_adamw.reset()
+        torch._dynamo.reset()
+
+
+def test_cpu_steps_reuse_their_scratch_buffers():
+    """Eager CPU steps keep their intermediates between steps (a fresh parameter-sized temporary costs its page
+    faults every step: the reason the foreach path beats torch's), and reuse the same memory the next step."""
+    params = make_params()
+    opt = InstrumentedAdamW(param_groups(params, 0.1))
+    set_grads(params, 0)
+    opt.step()
+    kept = {key: buf.data_ptr() for key, buf in opt._arena._buffers.items()}
+    assert kept, "the CPU step kept no buffer"
+    set_grads(params, 1)
+    opt.step()
+    assert {key: buf.data_ptr() for key, buf in opt._arena._buffers.items()} == kept
+
+
 def test_compiled_step_with_foreach_false_is_compiled_torch_bitwise(monkeypatch):
     """foreach=False (or no C compiler) keeps torch's traced update: bitwise compiled torch AdamW, no kernel."""
     torch._dynamo.reset()
