@@ -76,9 +76,6 @@ class Arena:
             offset += t.numel()
         return out
 
-    def clear(self) -> None:
-        self._buffers.clear()
-
 
 def _uhat_raw(exp_avg: Tensor, denom: Tensor | None, vhat: Tensor, bc2_sqrt, eps: float, out=None) -> Tensor:
     """m / (√v̂/√bc2 + ε): û times the first-moment bias correction bc1, written into ``out`` when given.
@@ -243,7 +240,7 @@ def multi_tensor_adamw(
 
         bias_correction1 = [1 - beta1 ** _get_value(step) for step in device_state_steps]
         bias_correction2 = [1 - beta2 ** _get_value(step) for step in device_state_steps]
-        step_size = [(lr / bc) * -1 for bc in bias_correction1]
+        step_size = [-(lr / bc) for bc in bias_correction1]
         bias_correction2_sqrt = [bc**0.5 for bc in bias_correction2]
 
         if amsgrad:

@@ -108,6 +108,16 @@ def test_cpu_steps_reuse_their_scratch_buffers():
     assert {key: buf.data_ptr() for key, buf in opt._arena._buffers.items()} == kept
 
 
+def test_uhat_is_written_into_the_kept_buffer_when_given_one():
+    from instrumented_adamw.functional import _uhat_raw
+
+    m, v = torch.randn(5, 7), torch.rand(5, 7) + 0.1
+    denom = v.sqrt().add_(1e-8)
+    buf = torch.empty(5, 7)
+    assert _uhat_raw(m, denom, v, 1.0, 1e-8, out=buf) is buf
+    assert torch.equal(buf, m / denom) and torch.equal(_uhat_raw(m, denom, v, 1.0, 1e-8), m / denom)
+
+
 def test_compiled_step_with_foreach_false_is_compiled_torch_bitwise(monkeypatch):
     """foreach=False (or no C compiler) keeps torch's traced update: bitwise compiled torch AdamW, no kernel."""
     torch._dynamo.reset()

@@ -106,5 +106,13 @@ def test_tests_run_are_those_executing_the_statement_else_the_whole_files(module
 
 def test_summary_counts_timeouts_as_kills_but_shows_them(module):
     ms = [mutate.Mutant(module, i, 1, "k", "a", "b", status=s) for i, s in enumerate(["killed", "timeout", "survived"])]
+    ms.append(mutate.Mutant(module, 3, 1, "k", "a", "b", status="equivalent", killer="same values"))
     row = mutate.summary(ms).splitlines()[-1]
-    assert row == "| `pkg/m.py` | 3 | 1 | 1 | 1 | 0 | 66.7% |"
+    assert row == "| `pkg/m.py` | 4 | 1 | 1 | 1 | 1 | 0 | 66.7% |"  # equivalents leave the denominator
+    assert "(equivalent: same values)" in mutate.survivors(ms)
+
+
+def test_listed_equivalent_mutants_are_marked_and_not_run(module, monkeypatch):
+    monkeypatch.setitem(mutate.EQUIVALENT, (module, "LIMIT = 3", "constant", "3", "4"), "a reason")
+    marked = [m for m, _ in mutate.enumerate_mutants(module) if m.status == "equivalent"]
+    assert [(m.line, m.killer) for m in marked] == [(2, "a reason")]

@@ -59,6 +59,20 @@ TARGETS = {
     "train/checkpoint.py": ["tests/test_train_faults.py", "tests/test_train_loop.py"],
 }  # fmt: skip
 
+#: Equivalent mutants: changes no test can observe because the program computes the same values (a shortcut for
+#: zero weight decay, where x·(1 − lr·0) is x bitwise), or that differ only on hardware this suite cannot run (CUDA
+#: branches, covered by tests/test_cuda.py on a GPU). Keyed by the module, the stripped source line and the change;
+#: each is listed in the report with its reason and left out of the kill rate's denominator.
+_ON_ACCELERATORS = "the branch for steps on an accelerator (CPU steps take the other one): tests/test_cuda.py"
+_ZERO_DECAY = "decay by 1 − lr·0 multiplies by 1.0 exactly: the shortcut saves a pass, not a value"
+EQUIVALENT = {
+    ("instrumented_adamw/functional.py", "if weight_decay != 0:", "constant", "0", "1"): _ZERO_DECAY,
+    ("instrumented_adamw/functional.py", "torch._foreach_add_(device_state_steps, 1)", "remove_call",
+     "torch._foreach_add_(device_state_steps, 1)", "pass"): _ON_ACCELERATORS,
+    ("instrumented_adamw/functional.py", "torch._foreach_add_(device_state_steps, 1)", "constant", "1", "2"):
+        _ON_ACCELERATORS,
+}  # fmt: skip
+
 #: Calls whose removal or mutation a test cannot observe by design (output for people, not for programs).
 _SILENT_CALLS = {"print", "warn", "warning", "info", "debug", "write_text_note"}
 #: Calls not removed: output and logging. A dropped ``warnings.warn`` is a change users see (and tests check).
@@ -79,7 +93,7 @@ class Mutant:
     kind: str
     before: str
     after: str
-    status: str = "pending"  # killed | survived | timeout | error
+    status: str = "pending"  # killed | survived | timeout | error | equivalent (listed in EQUIVALENT, not run)
     seconds: float = 0.0
     killer: str = ""
     tests: int = 0  # test ids run (0: the module's whole test files)
@@ -162,8 +176,16 @@ def enumerate_mutants(module: str) -> list[tuple[Mutant, ast.Module]]:
         lines = _statement_lines(nodes[pos], parents)
         nth = seen[line, kind, before, after] = seen.get((line, kind, before, after), -1) + 1
         uses = _import_time_uses(nodes[pos], parents, tree, module)
-        out.append((Mutant(module, index, line, kind, before, after, lines=lines, nth=nth, uses=uses), mutated))
+        mutant = Mutant(module, index, line, kind, before, after, lines=lines, nth=nth, uses=uses)
+        reason = EQUIVALENT.get((module, source_lines_at(source.splitlines(), line), kind, before, after))
+        if reason:
+            mutant.status, mutant.killer = "equivalent", reason
+        out.append((mutant, mutated))
     return out
+
+
+def source_lines_at(source: list[str], line: int) -> str:
+    return source[line - 1].strip() if 0 < line <= len(source) else ""
 
 
 def _import_time_uses(node: ast.AST, parents: dict[int, ast.AST], tree: ast.Module, module: str):
@@ -511,9 +533,10 @@ def main(argv: list[str] | None = None) -> int:
             mutants = enumerate_mutants(module)
             if args.limit:
                 mutants = mutants[: args.limit]
-            kept = [earlier[_key(m)] for m, _ in mutants if _key(m) in earlier]
+            kept = [earlier[_key(m)] for m, _ in mutants if _key(m) in earlier and m.status != "equivalent"]
             results.extend(kept)
-            mutants = [(m, tree) for m, tree in mutants if _key(m) not in earlier]
+            results.extend(m for m, _ in mutants if m.status == "equivalent")  # listed, never run
+            mutants = [(m, tree) for m, tree in mutants if _key(m) not in earlier and m.status != "equivalent"]
             if not mutants:
                 print(f"{module}: all {len(kept)} verdicts kept from {report}")
                 continue
@@ -559,8 +582,10 @@ def survivors(results: list[Mutant]) -> str:
     """The surviving mutants as a markdown list, by module and line."""
     out = []
     for m in sorted(results, key=lambda m: (m.module, m.line, m.index)):
-        if m.status in ("survived", "error"):
-            note = "" if m.status == "survived" else " (error: the tests did not run)"
+        if m.status in ("survived", "error", "equivalent"):
+            note = {"survived": "", "error": " (error: the tests did not run)"}.get(
+                m.status, f" (equivalent: {m.killer})"
+            )
             out.append(f"- `{m.module}:{m.line}` {m.kind}: `{m.before}` → `{m.after}`{note}")
     return "\n".join(out) if out else "(none)"
 
@@ -573,14 +598,14 @@ def _key(m: Mutant) -> tuple:
 
 def summary(results: list[Mutant]) -> str:
     rows = [
-        "| module | mutants | killed by a test | killed by timeout | survived | errors | kill rate |",
-        "|---|---|---|---|---|---|---|",
+        "| module | mutants | equivalent | killed by a test | killed by timeout | survived | errors | kill rate |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for module in dict.fromkeys(m.module for m in results):
         ms = [m for m in results if m.module == module]
-        n = {s: sum(m.status == s for m in ms) for s in ("killed", "timeout", "survived", "error")}
-        rate = 100 * (n["killed"] + n["timeout"]) / max(len(ms), 1)
-        counts = " | ".join(str(n[s]) for s in ("killed", "timeout", "survived", "error"))
+        n = {s: sum(m.status == s for m in ms) for s in ("equivalent", "killed", "timeout", "survived", "error")}
+        rate = 100 * (n["killed"] + n["timeout"]) / max(len(ms) - n["equivalent"], 1)
+        counts = " | ".join(str(n[s]) for s in ("equivalent", "killed", "timeout", "survived", "error"))
         rows.append(f"| `{module}` | {len(ms)} | {counts} | {rate:.1f}% |")
     return "\n".join(rows)
 
