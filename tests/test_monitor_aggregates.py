@@ -124,3 +124,42 @@ def test_class_and_layer_entries_and_metrics_follow_their_definitions(logged):
     # T/τ of a class is Σ_t η_t λ_t: all its tensors share one group here, so it equals one tensor's sum.
     lr_sum = sum(0.1 * 3e-3 / (1 + 0.1 * s) for s in range(STEPS))
     assert t_over_tau["Transmission"] == pytest.approx(lr_sum, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- unit definitions
+def test_shares_are_fractions_of_the_absolute_budget():
+    from instrumented_adamw.monitor import shares
+
+    assert shares(-9.0, 1.0, -2.0) == pytest.approx((0.75, 1 / 12, 1 / 6), rel=1e-15)
+    assert shares(3.0, 0.5, 0.0) == pytest.approx((6 / 7, 1 / 7, 0.0), rel=1e-15)
+    assert all(math.isnan(v) for v in shares(0.0, 0.0, 0.0))
+
+
+def test_aggregate_residual_share_and_empty_selection_follow_their_definitions():
+    from instrumented_adamw.forces import ForceReadout, ForceStats, forces_from_reductions
+    from instrumented_adamw.monitor import aggregate
+
+    stats = ForceStats(torch.device("cpu"))
+    stats.add_rows(["a", "b"])
+    red = torch.tensor([[-0.5, 2.0, 3.0], [0.2, 1.0, 4.0]], dtype=torch.float64)
+    stats.record((0, 1), forces_from_reductions(red, 1e-2, 0.1))
+    readout = ForceReadout.from_tables(["a", "b"], stats.table.numpy(), np.array([2.9, 4.1]))
+    out = aggregate(readout, np.array([0, 1]), np.array([10, 20]))
+    col = {q: i for i, q in enumerate(QUANTITIES)}
+    align, inject, decay = (readout.interval[:, col[q]].sum() for q in ("align", "inject", "decay"))
+    budget = abs(align) + inject + abs(decay)
+    assert out["rel_residual"] == pytest.approx(np.abs(readout.residual).sum() / budget, rel=1e-12)
+    assert out["eta_lambda"] == pytest.approx(1e-3, rel=1e-12) and out["steps"] == 1
+    empty = aggregate(readout, np.array([], dtype=np.int64), np.array([10, 20]))
+    assert empty["eta_lambda"] == 0.0 and empty["steps"] == 0 and math.isnan(empty["rms"])
+
+
+def test_closing_the_monitor_closes_its_sinks(tmp_path):
+    model = tiny_model("gpt_neox")
+    opt = InstrumentedAdamW(model.named_parameters())
+    sink = JsonlSink(tmp_path)
+    closed = []
+    real_close = sink.close
+    sink.close = lambda: closed.append(True) or real_close()
+    ForceMonitor(opt, model, [sink]).close()
+    assert closed == [True]
