@@ -150,8 +150,18 @@ def test_aggregate_residual_share_and_empty_selection_follow_their_definitions()
     budget = abs(align) + inject + abs(decay)
     assert out["rel_residual"] == pytest.approx(np.abs(readout.residual).sum() / budget, rel=1e-12)
     assert out["eta_lambda"] == pytest.approx(1e-3, rel=1e-12) and out["steps"] == 1
+    forces_total = sum(readout.interval[:, col[q]].sum() for q in ("align", "inject", "decay", "higher_order"))
+    assert out["net"] == pytest.approx(forces_total, rel=1e-12)
+    assert out["residual"] == pytest.approx(readout.residual.sum(), rel=1e-12)  # measured steps only: books close
+    last = readout.last
+    assert out["cos_w_u"] == pytest.approx(last[:, 0].sum() / math.sqrt(last[:, 1].sum() * last[:, 2].sum()))
+    assert out["rms"] == pytest.approx(math.sqrt(7.0 / 30), rel=1e-12)
+    u_norm = math.sqrt(readout.interval[:, col["u_sq"]].sum())  # one step: the interval mean is that step's
+    cos = out["w_dot_u"] / math.sqrt(out["w_sq"] * out["u_sq"])
+    assert out["rms_eq"] == pytest.approx(equilibrium_norm(u_norm, cos, 1e-2, 0.1) / math.sqrt(30), rel=1e-12)
     empty = aggregate(readout, np.array([], dtype=np.int64), np.array([10, 20]))
-    assert empty["eta_lambda"] == 0.0 and empty["steps"] == 0 and math.isnan(empty["rms"])
+    assert empty["eta_lambda"] == 0.0 and math.isnan(empty["rms"])
+    assert (empty["steps"], empty["nonfinite_steps"], empty["unmeasured_steps"]) == (0, 0, 0)
 
 
 def test_closing_the_monitor_closes_its_sinks(tmp_path):
@@ -163,3 +173,15 @@ def test_closing_the_monitor_closes_its_sinks(tmp_path):
     sink.close = lambda: closed.append(True) or real_close()
     ForceMonitor(opt, model, [sink]).close()
     assert closed == [True]
+
+
+def test_monitor_defaults_and_bad_intervals():
+    """The documented defaults (log every 10 steps, per-tensor entries at every read, the papers' middle-80% fits),
+    and each bad interval refused on its own."""
+    model = tiny_model("gpt_neox")
+    opt = InstrumentedAdamW(model.named_parameters())
+    mon = ForceMonitor(opt, model)
+    assert (mon.log_every, mon.weibull_every, mon.per_tensor_every, mon.trim) == (10, 0, 0, 0.1)
+    for kwargs in ({"log_every": 0}, {"weibull_every": -1}, {"per_tensor_every": -1}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            ForceMonitor(opt, model, **kwargs)

@@ -51,7 +51,7 @@ TARGETS = {
     ],
     "instrumented_adamw/monitor.py": [
         "tests/test_monitor_aggregates.py", "tests/test_steady_state.py", "tests/test_dropin.py",
-        "tests/test_monitor.py",
+        "tests/test_monitor.py", "tests/test_evidence_logging.py",
     ],
     "instrumented_adamw/weibull.py": [
         "tests/test_weibull.py", "tests/test_weibull_parity.py", "tests/test_diagnostics.py",
