@@ -169,7 +169,8 @@ def test_readouts_concatenate_refuse_a_tensor_twice_and_are_immutable():
     np.testing.assert_array_equal(both.last[2], r.last[0])
     assert forces.ForceReadout.concat([other]).names == ("c",)
     for empty in (forces.ForceReadout.concat([]), forces.ForceReadout.empty()):
-        assert len(empty) == 0 and empty.last.shape == (0, len(LAST_KEYS)) and empty.steps.shape == (0,)
+        assert len(empty) == 0 and empty.last.shape == (0, len(LAST_KEYS))
+        assert empty.steps.shape == empty.w_sq_now.shape == empty.residual.shape == (0,)
     with pytest.raises(ValueError, match="track a tensor twice"):
         forces.ForceReadout.concat([r, r])
     with pytest.raises(dataclasses.FrozenInstanceError):

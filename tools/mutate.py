@@ -66,6 +66,8 @@ TARGETS = {
 _ON_ACCELERATORS = "the branch for steps on an accelerator (CPU steps take the other one): tests/test_cuda.py"
 _ZERO_DECAY = "decay by 1 − lr·0 multiplies by 1.0 exactly: the shortcut saves a pass, not a value"
 EQUIVALENT = {
+    ("instrumented_adamw/forces.py", "recorded, 0.0, block[:, _UNMEASURED_SINCE_LAST] + unmeasured.double()",
+     "operator", "Add", "Sub"): "the count is only ever compared with zero, and a count of −n is as nonzero as n",
     ("instrumented_adamw/functional.py", "if weight_decay != 0:", "constant", "0", "1"): _ZERO_DECAY,
     ("instrumented_adamw/functional.py", "torch._foreach_add_(device_state_steps, 1)", "remove_call",
      "torch._foreach_add_(device_state_steps, 1)", "pass"): _ON_ACCELERATORS,
