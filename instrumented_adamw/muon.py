@@ -152,19 +152,12 @@ class InstrumentedMuon(ForceTracking, _muon_base()):
                     etas.append(adjusted_lr)
                 param.mul_(1 - lr * weight_decay)
                 param.add_(update, alpha=-adjusted_lr)
-            for device, (positions, table, etas) in measured.items():
+            for positions, table, etas in measured.values():
                 stacked = StackedReductions(positions, table[: len(positions)])
-                self._record(params, stacked, lr, weight_decay, None, mask, update_lr=_update_lrs(etas, device))
+                self._record(params, stacked, lr, weight_decay, None, mask, update_lr=etas)
             if self._track and not measuring:
                 self._record_unmeasured(params, None)
         return loss
-
-
-def _update_lrs(etas: list[Any], device: torch.device) -> Tensor:
-    """Per-tensor update lrs as one float64 [k] tensor on ``device``; a tensor lr (capturable use) stays there."""
-    if all(not isinstance(e, Tensor) for e in etas):
-        return torch.tensor([float(e) for e in etas], dtype=torch.float64).to(device)
-    return torch.stack([torch.as_tensor(e).to(device, torch.float64).reshape(()) for e in etas])
 
 
 def hybrid_param_groups(

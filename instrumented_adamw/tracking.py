@@ -373,33 +373,28 @@ class ForceTracking:
     def _record(
         self, params: list[Tensor], reductions, lr, weight_decay, skip: Tensor | None, mask=None, update_lr=None
     ) -> None:
-        """Fold one step's reductions (``{index in params: [⟨W,u⟩, ‖u‖², ‖W‖²]}``) into the device tables.
+        """Fold one step's reductions (``{index in params: [⟨W,u⟩, ‖u‖², ‖W‖²]}``, or :class:`StackedReductions`)
+        into the device tables.
 
         ``lr`` and ``weight_decay`` are the decay's (per-step shrink η·λ); ``update_lr`` the step size of the update
-        direction u when it differs from ``lr``, as one float for all or ``{index: float}`` per tensor (Muon's
-        shape-adjusted lr). ``skip`` (0-d) drops the step (GradScaler found inf); ``mask`` (0-d bool) says whether
-        to measure it (``track_every`` under compile)."""
+        direction u when it differs from ``lr``: with stacked reductions, one value per row (Muon's shape-adjusted
+        lr; floats, or tensors that stay on the device). ``skip`` (0-d) drops the step (GradScaler found inf);
+        ``mask`` (0-d bool) says whether to measure it (``track_every`` under compile)."""
         if isinstance(reductions, StackedReductions):  # one device, already stacked in row order of positions
             device, _ = self._rows[id(params[reductions.positions[0]])]
             rows = tuple(self._rows[id(params[i])][1] for i in reductions.positions)
-            values = forces_from_reductions(reductions.values.to(device), lr, weight_decay, update_lr=update_lr)
+            step_lr = None if update_lr is None else _per_row(update_lr, device)
+            values = forces_from_reductions(reductions.values.to(device), lr, weight_decay, update_lr=step_lr)
             self._stats[device].record(rows, values, skip, measured=mask)
             return
-        by_device: dict[torch.device, tuple[list[int], list[Tensor], list[float]]] = {}
+        by_device: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
         for i, red in reductions.items():
             device, row = self._rows[id(params[i])]
-            rows, reds, etas = by_device.setdefault(device, ([], [], []))
+            rows, reds = by_device.setdefault(device, ([], []))
             rows.append(row)
             reds.append(red.to(device))
-            if isinstance(update_lr, dict):
-                etas.append(update_lr[i])
-        for device, (rows, reds, etas) in by_device.items():
-            step_lr = update_lr
-            if etas and any(isinstance(e, Tensor) for e in etas):  # a tensor lr: stays on the device
-                step_lr = torch.stack([torch.as_tensor(e).to(device, torch.float64).reshape(()) for e in etas])
-            elif etas:
-                step_lr = torch.tensor(etas, dtype=torch.float64).to(device)
-            values = forces_from_reductions(torch.stack(reds), lr, weight_decay, update_lr=step_lr)
+        for device, (rows, reds) in by_device.items():
+            values = forces_from_reductions(torch.stack(reds), lr, weight_decay)
             self._stats[device].record(tuple(rows), values, skip, measured=mask)
 
     # ------------------------------------------------------------------ read-out
@@ -450,6 +445,13 @@ class ForceTracking:
     def last_forces(self) -> ForceReadout:
         """Like :meth:`read_forces` without resetting the interval; ``.to_dict()`` gives the last step."""
         return self.read_forces(reset=False)
+
+
+def _per_row(values: list, device: torch.device) -> Tensor:
+    """Per-row step sizes as one float64 [k] tensor on ``device``; tensor lrs (capturable use) stay on the device."""
+    if all(not isinstance(v, Tensor) for v in values):
+        return torch.tensor([float(v) for v in values], dtype=torch.float64).to(device)
+    return torch.stack([torch.as_tensor(v).to(device, torch.float64).reshape(()) for v in values])
 
 
 def _check_peak(value, what: str) -> None:
