@@ -246,20 +246,18 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
             and all(p.is_contiguous() and not p.is_complex() for p in params)
         ):
             return "triton"
-        if group["fused"] and tracking and not scaled and self._cpu_kernel_fits(group, local):
-            return "cpu"
+        # Compiled with default flags on CPU: Inductor cannot fuse the reductions into the traced update (two passes,
+        # 2.7x compiled torch), while the kernel is one pass. Parameters are then torch's fused AdamW's bitwise,
+        # within fp32 rounding of compiled torch AdamW's (which differs from eager torch's anyway); foreach=False
+        # keeps the traced update, bitwise compiled torch. docs/benchmarks.md has the figures. Only fused=True asked
+        # for the kernel, so only it warns when the kernel is missing.
+        compiled_default = torch.compiler.is_compiling() and group["fused"] is None and group["foreach"] is None
         if (
-            torch.compiler.is_compiling()
-            and group["fused"] is None
-            and group["foreach"] is None
+            (group["fused"] or compiled_default)
             and tracking
             and not scaled
-            and self._cpu_kernel_fits(group, local, warn=False)
+            and self._cpu_kernel_fits(group, local, warn=bool(group["fused"]))
         ):
-            # Compiled with default flags on CPU: Inductor cannot fuse the reductions into the traced update (two
-            # passes, 2.7x compiled torch), while the kernel is one pass. Parameters are then torch's fused AdamW's
-            # bitwise, within fp32 rounding of compiled torch AdamW's (which differs from eager torch's anyway);
-            # foreach=False keeps the traced update, bitwise compiled torch. docs/benchmarks.md has the figures.
             return "cpu"
         if group["fused"] or group["capturable"] or group["differentiable"]:
             return "delegated"
