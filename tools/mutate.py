@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -175,19 +176,17 @@ def enumerate_mutants(module: str) -> list[tuple[Mutant, ast.Module]]:
         target = list(ast.walk(mutated))[pos]
         _apply(target, kind, after)
         line = getattr(nodes[pos], "lineno", 0)
-        lines = _statement_lines(nodes[pos], parents)
+        span = _statement_lines(nodes[pos], parents)
         nth = seen[line, kind, before, after] = seen.get((line, kind, before, after), -1) + 1
         uses = _import_time_uses(nodes[pos], parents, tree, module)
-        mutant = Mutant(module, index, line, kind, before, after, lines=lines, nth=nth, uses=uses)
-        reason = EQUIVALENT.get((module, source_lines_at(source.splitlines(), line), kind, before, after))
+        mutant = Mutant(module, index, line, kind, before, after, lines=span, nth=nth, uses=uses)
+        reason = EQUIVALENT.get(
+            (module, lines[line - 1].strip() if 0 < line <= len(lines) else "", kind, before, after)
+        )
         if reason:
             mutant.status, mutant.killer = "equivalent", reason
         out.append((mutant, mutated))
     return out
-
-
-def source_lines_at(source: list[str], line: int) -> str:
-    return source[line - 1].strip() if 0 < line <= len(source) else ""
 
 
 def _import_time_uses(node: ast.AST, parents: dict[int, ast.AST], tree: ast.Module, module: str):
@@ -248,11 +247,17 @@ def _bound_names(stmt: ast.AST) -> set[str]:
 def _used_elsewhere(name: str, module: str) -> bool:
     """Whether another source or test file names ``name`` (imports or reads it from this module)."""
     pattern = re.compile(rf"\b{re.escape(name)}\b")
-    for part in ("instrumented_adamw", "train", "tests", "bench", "tools"):
-        for path in (ROOT / part).rglob("*.py"):
-            if path.relative_to(ROOT).as_posix() != module and pattern.search(path.read_text(errors="replace")):
-                return True
-    return False
+    return any(path != module and pattern.search(text) for path, text in _sources(ROOT).items())
+
+
+@functools.cache
+def _sources(root: Path) -> dict[str, str]:
+    """The repository's Python files (path relative to ``root`` -> text), read once per harness run."""
+    return {
+        path.relative_to(root).as_posix(): path.read_text(errors="replace")
+        for part in ("instrumented_adamw", "train", "tests", "bench", "tools")
+        for path in (root / part).rglob("*.py")
+    }
 
 
 def _call_name(call: ast.Call) -> str:
