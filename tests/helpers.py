@@ -43,6 +43,19 @@ def set_grads(params: dict[str, torch.nn.Parameter], step: int) -> None:
         p.grad = (0.5 * p.detach().float() - 0.01 + 0.05 * noise.to(p.device)).to(p.dtype)
 
 
+def step_twins(pa, ref_step, pb, our_step, steps: int, every_step: bool = False) -> None:
+    """``steps`` steps of a reference and of ours on the same gradients; their parameters must stay bitwise equal
+    (checked after every step, or after the last)."""
+    for s in range(steps):
+        set_grads(pa, s)
+        set_grads(pb, s)
+        ref_step()
+        our_step()
+        if every_step or s == steps - 1:
+            for (name, a), b in zip(pa.items(), pb.values(), strict=True):
+                assert torch.equal(a, b), f"{name} differs after step {s + 1}"
+
+
 def twin_optimizers(flags: dict, dtype=torch.float32, weight_decay=0.01, device="cpu", **ours_kw):
     """torch.optim.AdamW and InstrumentedAdamW on identical copies of the same parameters."""
     pa, pb = make_params(dtype, device=device), make_params(dtype, device=device)

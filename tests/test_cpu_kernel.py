@@ -25,7 +25,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import make_params, param_groups, set_grads
+from helpers import make_params, param_groups, set_grads, step_twins
 
 from instrumented_adamw import InstrumentedAdamW, cpu_adamw
 
@@ -319,13 +319,7 @@ def test_compiled_fused_step_calls_the_kernel_and_keeps_every_counter(monkeypatc
     pa, pb = make_params(), make_params()
     ref = torch.optim.AdamW(param_groups(pa, 0.1, named=False), fused=True)
     ours = InstrumentedAdamW(param_groups(pb, 0.1), fused=True, track_every=3)
-    ref_step, our_step = torch.compile(ref.step), torch.compile(ours.step)
-    for s in range(7):
-        set_grads(pa, s)
-        set_grads(pb, s)
-        ref_step()
-        our_step()
-        assert all(torch.equal(a, b) for a, b in zip(pa.values(), pb.values(), strict=True)), s
+    step_twins(pa, torch.compile(ref.step), pb, torch.compile(ours.step), 7, every_step=True)
     r = ours.read_forces()
     assert list(r.steps) == [3] * 4 and list(r.unmeasured_steps) == [4] * 4 and int(ours._calls) == 7
     assert len(runs) == 14  # the kernel ran for both groups on every call (compiled, the measured mask decides)

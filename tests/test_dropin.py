@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import make_params, param_groups, set_grads
+from helpers import make_params, param_groups, set_grads, step_twins
 from models import tiny_model
 from torch.optim import lr_scheduler as sched
 
@@ -48,18 +48,12 @@ def test_compiled_step_keeps_every_counter(monkeypatch):
     def compiled_step():
         ours.step()
 
-    for s in range(7):  # calls 1, 4, 7 are measured
-        set_grads(pa, s)
-        set_grads(pb, s)
-        ref.step()
-        compiled_step()
+    step_twins(pa, ref.step, pb, compiled_step, 7)  # calls 1, 4, 7 are measured
     assert int(ours._calls) == 7 and len(runs) == 14  # the kernel, both groups, every call (the mask decides)
     r = ours.read_forces()
     assert list(r.steps) == [3] * 4 and list(r.unmeasured_steps) == [4] * 4
     assert np.isnan(r.residual).all()  # unmeasured steps moved W: the interval cannot close
     assert np.isfinite(r.last_residual).all()  # the last call (7) was measured
-    for a, b in zip(pa.values(), pb.values(), strict=True):
-        assert torch.equal(a, b)
     # The next call is unmeasured; its change of W is not in the books, so the last-step residual is undefined.
     set_grads(pb, 7)
     compiled_step()
@@ -82,12 +76,7 @@ def test_compiled_default_step_without_the_kernel_is_compiled_torch_and_quiet(mo
         ref_step, our_step = torch.compile(ref.step), torch.compile(ours.step)
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*single-pass kernel.*")
-            for s in range(2):
-                set_grads(pa, s)
-                set_grads(pb, s)
-                ref_step()
-                our_step()
-        assert all(torch.equal(a, b) for a, b in zip(pa.values(), pb.values(), strict=True))
+            step_twins(pa, ref_step, pb, our_step, 2)
         assert list(ours.read_forces().steps) == [2] * 4
     finally:
         cpu_adamw.reset()
@@ -125,13 +114,7 @@ def test_compiled_step_with_foreach_false_is_compiled_torch_bitwise(monkeypatch)
     pa, pb = make_params(), make_params()
     ref = torch.optim.AdamW(param_groups(pa, 0.1, named=False), foreach=False)
     ours = InstrumentedAdamW(param_groups(pb, 0.1), foreach=False)
-    ref_step, our_step = torch.compile(ref.step), torch.compile(ours.step)
-    for s in range(3):
-        set_grads(pa, s)
-        set_grads(pb, s)
-        ref_step()
-        our_step()
-    assert all(torch.equal(a, b) for a, b in zip(pa.values(), pb.values(), strict=True))
+    step_twins(pa, torch.compile(ref.step), pb, torch.compile(ours.step), 3)
     assert list(ours.read_forces().steps) == [3] * 4
 
 
