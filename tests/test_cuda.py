@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import reference_reductions, set_grads, twin_optimizers
+from helpers import fused_drift_atol, reference_reductions, set_grads, twin_optimizers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -47,10 +47,13 @@ def test_cuda_parity_and_reductions(flags, dtype):
     torch.cuda.synchronize()
     for a, b in zip(pa.values(), pb.values(), strict=True):
         if flags.get("fused"):
-            # Our single-pass Triton kernel: fp32 math in another order than torch's fused kernel. fp32: 1e-5
-            # relative after 50 steps; bf16 storage: a few bf16 ulps.
-            tol = 1e-5 if dtype == torch.float32 else 3e-2
-            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * 0.02)
+            # Our single-pass Triton kernel: its bias corrections in float64, torch's fused kernel's in fp32
+            # (helpers.fused_drift_atol bounds the drift: 4.5e-6; measured 5.6e-7 on an H200); bf16 storage: a few
+            # bf16 ulps.
+            if dtype == torch.float32:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=fused_drift_atol(0.01, 50))
+            else:
+                torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=6e-4)
         else:
             assert torch.equal(a, b)  # delegated or mirrored paths: bitwise
     r = ours.last_forces()
@@ -59,7 +62,11 @@ def test_cuda_parity_and_reductions(flags, dtype):
             pre[name].cpu(), {k: v.cpu() for k, v in ours.state[p].items()}, 0.9, 0.999, 1e-8, False
         )
         last = r.to_dict()[name]
-        assert last["u_sq"] == pytest.approx(uu, rel=1e-5) and last["w_sq"] == pytest.approx(ww, rel=1e-5)
+        # The fused kernel measures the û it applies, from the fp32 moments before they are stored; with bf16
+        # storage the reference rebuilds û from the rounded moments: each û² then within (1 ± 2^-9)²(1 ± 2^-10)² of
+        # the applied one, so their sum within 6e-3 (measured 1.7e-4 on an H200).
+        u_rel = 6e-3 if flags.get("fused") and dtype == torch.bfloat16 else 1e-5
+        assert last["u_sq"] == pytest.approx(uu, rel=u_rel) and last["w_sq"] == pytest.approx(ww, rel=1e-5)
 
 
 def test_cuda_triton_kernel_is_deterministic_and_graph_capturable():
@@ -160,7 +167,7 @@ def test_cuda_grad_scaler_skipped_steps_record_nothing():
             scaler.step(o)
             scaler.update()
     for a, b in zip(m_ref.parameters(), m.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # fp32, another order of the same arithmetic
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=fused_drift_atol(1e-2, 3))  # torch's fp32 bias corrections
     r = opt.read_forces()
     assert (r.steps == 3).all(), r.steps  # 4 calls, one skipped
     assert (r.nonfinite_steps == 0).all() and np.isfinite(r.interval).all()
@@ -170,7 +177,13 @@ def test_cuda_grad_scaler_skipped_steps_record_nothing():
 def test_cuda_compiled_training_step_with_the_fused_kernel():
     """What the GPU reproduction runs do: a torch.compile'd model under bf16 autocast, the fused kernel stepping
     outside the graph with tracking every step. Against the same compiled model with torch's fused AdamW: the same
-    losses to bf16 rounding, parameters within 1e-3, and every step measured with the identity closing to fp32."""
+    losses to bf16 rounding, the same displacement of every tensor from its initial value to 10%, and every step
+    measured with the identity closing to fp32.
+
+    Elementwise the two runs part: the optimizers' fp32-level differences (``fused_drift_atol``) flip bf16
+    roundings in the forward, and Adam turns a changed sign of a near-zero gradient into a step of ±lr (measured on
+    an H200: 1.3% of the embedding beyond 1e-3, at most 0.0074 ≈ 2.5 lr). Exact parity is the job of
+    ``test_cuda_parity_and_reductions``; this test checks the integration."""
     from instrumented_adamw import InstrumentedAdamW
 
     steps = 12
@@ -181,6 +194,7 @@ def test_cuda_compiled_training_step_with_the_fused_kernel():
             torch.nn.Embedding(256, 128), torch.nn.Linear(128, 512), torch.nn.GELU(), torch.nn.Linear(512, 128),
             torch.nn.LayerNorm(128), torch.nn.Linear(128, 256),
         ).cuda()  # fmt: skip
+        init = [p.detach().clone() for p in model.parameters()]
         opt = cls(model.parameters(), lr=3e-3, weight_decay=0.1, fused=True, **kw)
         compiled = torch.compile(model)
         g = torch.Generator(device="cuda").manual_seed(1)
@@ -194,15 +208,18 @@ def test_cuda_compiled_training_step_with_the_fused_kernel():
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.detach())
-        return model, opt, torch.stack(losses).cpu()
+        return model, opt, torch.stack(losses).cpu(), init
 
-    m_ref, _, loss_ref = run(torch.optim.AdamW)
-    m, opt, loss = run(InstrumentedAdamW)
+    m_ref, _, loss_ref, init = run(torch.optim.AdamW)
+    m, opt, loss, _ = run(InstrumentedAdamW)
     assert opt._kernel_launches > 0
     assert loss[-1] < loss[0]  # it learns
     torch.testing.assert_close(loss, loss_ref, rtol=2e-2, atol=0)  # bf16 forward, fp32-rounding-level drift
-    for a, b in zip(m_ref.parameters(), m.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    parts = {}
+    for (name, a), b, a0 in zip(m_ref.named_parameters(), m.parameters(), init, strict=True):
+        moved = torch.linalg.vector_norm(a - a0).item()
+        parts[name] = (torch.linalg.vector_norm(a - b).item() / moved, moved)
+    assert all(rel <= 0.1 and moved > 0 for rel, moved in parts.values()), parts
     r = opt.read_forces()
     assert (r.steps == steps).all() and (r.nonfinite_steps == 0).all()
     # fp32 storage rounding bounds each step's residual by about 2‖W₊‖‖δ‖ ≤ 1e-6·‖W‖² (forces.fp32_closure_bound)
