@@ -191,6 +191,13 @@ def section_status(res: Results) -> str:
     return "\n".join(lines)
 
 
+def _one_line(text: str, limit: int) -> str:
+    """A pytest message as one Markdown list line: whitespace collapsed (a newline would end the list item), cut
+    at ``limit`` characters with an ellipsis."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+
+
 def section_checks(res: Results) -> str:
     if not res.checks:
         return _pending(
@@ -215,7 +222,8 @@ def section_checks(res: Results) -> str:
             ]
         )
         failing += [
-            f"- {_device(c)}: `{t['test']}` {t['outcome']}: {t['message'][:200]}"
+            f"- {_device(c)}, kernel source `{(c.get('source_hash') or '')[:12]}`: `{t['test']}` {t['outcome']}: "
+            f"{_one_line(t['message'], 240)}"
             for t in c["tests"]
             if t["outcome"] in ("failed", "error")
         ]

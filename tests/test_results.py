@@ -119,3 +119,26 @@ def test_results_stay_small_enough_to_travel():
     tokens): it must stay well under the rest. A run's compact logs are about 3 MB; twelve runs fit."""
     size = sum(f.stat().st_size for f in (ROOT / "results").rglob("*") if f.is_file() and "figures" not in f.parts)
     assert size <= 40 * 2**20, f"results/ holds {size / 2**20:.1f} MiB: see docs/gpu_evidence.md (sizes)"
+
+
+def test_a_failed_check_is_one_list_line_with_its_kernel_source(tmp_path):
+    """pytest messages span lines; each failure must stay one Markdown list item, cut to a readable length."""
+    folder = tmp_path / "checks" / "dev-abc"
+    folder.mkdir(parents=True)
+    provenance = {"date": "2026-11-27T05:06:56+00:00", "commit": {"sha": "0" * 40}, "device": {"name": "GPU X"}}
+    provenance.update(source_hash="abcdef0123456789", status="failed", wall_s=3.0)
+    message = "AssertionError: Tensor-likes are not close!\n\nMismatched elements: 1 / 4\n" + "x" * 400
+    checks = {"summary": {"passed": 1, "failed": 1, "skipped": 0}, "tests": []}
+    checks["tests"] = [{"test": "t::a", "outcome": "passed", "message": ""}, {"test": "t::b", "outcome": "failed"}]
+    checks["tests"][1]["message"] = message
+    (folder / "provenance.json").write_text(json.dumps(provenance))
+    (folder / "checks.json").write_text(json.dumps(checks))
+    text = R.section_checks(R.load_results(tmp_path, CAMPAIGN))
+    items = [line for line in text.splitlines() if line.startswith("- ")]
+    assert len(items) == 1, text
+    assert (
+        "kernel source `abcdef012345`: `t::b` failed: AssertionError: Tensor-likes are not close! Mismatched"
+        in items[0]
+    )
+    assert items[0].endswith("…") and len(items[0].split(" failed: ", 1)[1]) == 240
+    assert "| GPU X | 2026-11-27 | `0000000000` | `abcdef012345` | 1 | 1 | 0 | 3 | failed |" in text
