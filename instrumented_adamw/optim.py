@@ -11,7 +11,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach, _to_scalar, _use
 
 from . import cpu_adamw
 from .functional import Arena, StackedReductions, delegated_adamw, multi_tensor_adamw, single_tensor_adamw
-from .tracking import WEIGHT_DECAY_SCHEDULES, ForceTracking, local_tensor, unwrap_optimizer
+from .tracking import WEIGHT_DECAY_SCHEDULES, ForceTracking, any_dtensor, local_tensor, unwrap_optimizer
 
 __all__ = ["WEIGHT_DECAY_SCHEDULES", "InstrumentedAdamW", "unwrap_optimizer"]
 
@@ -167,7 +167,9 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
             weight_decay = self._effective_weight_decay(group, g_index)
             # DTensor shards: AdamW is elementwise, so updating each local shard in place is the sharded update;
             # the reductions become per-shard partial sums.
-            local = [[local_tensor(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)]
+            local = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+            if any_dtensor(params):  # their grads and moments are DTensors too
+                local = [[local_tensor(t) for t in ts] for ts in local]
             lists = (*local, state_steps, tracked)
             common = dict(
                 amsgrad=group["amsgrad"], lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=group["maximize"]
@@ -294,30 +296,40 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
         self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, tracked, *, group_index, amsgrad,
         beta1, beta2, lr, weight_decay, eps, maximize, grad_scale, found_inf,
     ):  # fmt: skip
-        """One launch pair per (device, dtype) bucket of a group; steps stay on the device (no host sync)."""
+        """One launch pair per (device, dtype) bucket of a group; steps stay on the device (no host sync).
+
+        The common case, one bucket per group, passes the lists as they are and returns the kernel's [T, 3] rows
+        stacked: per-tensor Python here (views, copies, row indexing) was most of a small model's step."""
         from .triton_adamw import fused_adamw_reduce
 
         torch._foreach_add_(state_steps, 1)
-        buckets: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
+        buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(params):
-            buckets.setdefault((group_index, p.device, p.dtype), []).append(i)
-        out = {}
-        for key, idx in buckets.items():
+            buckets.setdefault((p.device, p.dtype), []).append(i)
+        measured: list[StackedReductions] = []
+        for (device, dtype), idx in buckets.items():
+            whole = len(idx) == len(params)
 
-            def pick(xs, idx=idx):
-                return [xs[i].detach() for i in idx]
+            def pick(xs, idx=idx, whole=whole):
+                return xs if whole else [xs[i] for i in idx]
 
-            grads_b = [grads[i].contiguous() for i in idx]
-            steps = torch.stack([state_steps[i].to(params[idx[0]].device) for i in idx]).float()
-            red, self._plans[key] = fused_adamw_reduce(
+            grads_b = [g if g.is_contiguous() else g.contiguous() for g in pick(grads)]
+            steps_b = pick(state_steps)
+            if any(s.device != device for s in steps_b):
+                steps_b = [s.to(device) for s in steps_b]
+            steps = torch.stack(steps_b).to(torch.float32)
+            red, self._plans[(group_index, device, dtype)] = fused_adamw_reduce(
                 pick(params), grads_b, pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else [],
                 steps, lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad,
-                maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, plan=self._plans.get(key),
+                maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+                plan=self._plans.get((group_index, device, dtype)),
             )  # fmt: skip
             self._kernel_launches += 1
-            for j, i in enumerate(idx):
-                if tracked[i]:
-                    out[i] = red[j]
+            keep = [j for j, i in enumerate(idx) if tracked[i]]
+            if keep:
+                measured.append(StackedReductions([idx[j] for j in keep], red if len(keep) == len(idx) else red[keep]))
         if found_inf is not None:  # a skipped step does not count, as in torch's fused AdamW
             torch._foreach_sub_(state_steps, [found_inf.to(s.device) for s in state_steps])
-        return out
+        if len(measured) == 1:
+            return measured[0]
+        return {i: row for m in measured for i, row in zip(m.positions, m.values.unbind(), strict=True)}

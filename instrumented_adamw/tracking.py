@@ -63,6 +63,11 @@ def local_tensor(t):
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
+def any_dtensor(tensors) -> bool:
+    """Whether any of ``tensors`` is a DTensor: the per-step check that lets plain tensors skip ``local_tensor``."""
+    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+
+
 class ForceTracking:
     """Mixin of the shared tracking machinery; see the module docstring. Subclasses call :meth:`_init_tracking`
     before ``torch.optim.Optimizer.__init__`` (which calls ``add_param_group`` for every group)."""

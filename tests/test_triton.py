@@ -244,3 +244,31 @@ def test_optimizer_fused_path_uses_the_kernel(monkeypatch):
         assert last[n]["u_sq"] == pytest.approx(uu, rel=1e-5) and last[n]["w_sq"] == pytest.approx(ww, rel=1e-5)
         assert abs(last[n]["w_dot_u"] - wu) <= 1e-5 * math.sqrt(uu * ww)
     assert ours._kernel_launches > 0
+
+
+def test_optimizer_fused_path_mixed_dtypes_and_filtered_rows(monkeypatch):
+    """A group holding fp32 and bf16 tensors is two launches (one per dtype bucket), and a ``track_filter`` leaves
+    rows out of a bucket: each measured tensor still gets its own reductions, the others none."""
+    monkeypatch.setattr(InstrumentedAdamW, "_triton_device", staticmethod(lambda device: True))
+    torch.manual_seed(0)
+    params = {
+        "a.weight": torch.nn.Parameter(torch.randn(33, 17)),
+        "b.weight": torch.nn.Parameter(torch.randn(40, 9).bfloat16()),
+        "c.weight": torch.nn.Parameter(torch.randn(1500)),
+        "d.bias": torch.nn.Parameter(torch.randn(7).bfloat16()),
+    }
+    ours = InstrumentedAdamW(list(params.items()), lr=1e-2, fused=True, track_filter=lambda n: n != "c.weight")
+    c0 = params["c.weight"].detach().clone()
+    for step in range(3):
+        set_grads(params, step)
+        pre = {n: p.detach().clone() for n, p in params.items()}
+        ours.step()
+    assert ours._kernel_launches == 6 and len(ours._plans) == 2
+    last = ours.last_forces().to_dict()
+    assert sorted(last) == ["a.weight", "b.weight", "d.bias"]
+    assert ours.state[params["c.weight"]]["step"].item() == 3 and not torch.equal(params["c.weight"], c0)
+    for n in last:
+        p = params[n]
+        _, uu, ww = reference_reductions(pre[n], ours.state[p], 0.9, 0.999, 1e-8, False)
+        rel = 1e-5 if p.dtype == torch.float32 else 6e-3  # bf16: û from the fp32 moments before they are stored
+        assert last[n]["u_sq"] == pytest.approx(uu, rel=rel) and last[n]["w_sq"] == pytest.approx(ww, rel=1e-5)
