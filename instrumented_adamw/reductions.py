@@ -95,14 +95,16 @@ def sq_f64(a: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return total
 
 
-def sq_norm_exact(t: Tensor) -> Tensor:
-    """‖t‖² accumulated in float64 (~1e-12 relative): the read-out's ‖W‖², taken on log steps only.
+def sq_norms_exact(tensors: list[Tensor]) -> Tensor:
+    """Each tensor's ‖t‖², accumulated in float64 (~1e-12 relative), as one float64 [n] tensor: the read-out's
+    ‖W‖², taken on log steps only.
 
     The interval residual is ‖W‖²_now − ‖W‖²_start − Σ forces, a difference of two nearly equal norms: the fp32 rows
     of :func:`dot_f64` (~1e-8 relative on a small tensor) would bury the fp32 storage rounding it exists to show.
-    ~3 ms per million elements on 2 CPU threads; a bandwidth-bound pass on a GPU.
+    One multi-tensor norm: on a GPU one launch for all tensors of a device, where a norm per tensor cost a small
+    model's read more host time than its bandwidth-bound pass (~3 ms per million elements on 2 CPU threads).
     """
-    return torch.linalg.vector_norm(t.reshape(-1), dtype=torch.float64).square()
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square()
 
 
 def reduce3(w: Tensor, u: Tensor, out: Tensor | None = None) -> Tensor:

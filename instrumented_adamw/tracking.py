@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .forces import ForceReadout, ForceStats, additive_columns, forces_from_reductions
 from .functional import StackedReductions
-from .reductions import sq_norm_exact
+from .reductions import sq_norms_exact
 
 WEIGHT_DECAY_SCHEDULES = ("lr", "lr_squared")
 #: Names given to tensors passed without names (``model.parameters()``); the monitor renames them from the model.
@@ -420,7 +420,7 @@ class ForceTracking:
                 continue
             local = [local_tensor(p) for p in self._tracked_params[device]]
             real = [torch.view_as_real(p) if p.is_complex() else p for p in local]
-            w_sq = torch.stack([sq_norm_exact(r) for r in real])  # float64: the residual is a small difference
+            w_sq = sq_norms_exact(real)  # float64: the residual is a small difference
             packed = torch.cat((stats.table, w_sq[:, None]), dim=1)
             if any(self._sharded_rows[device]):
                 packed = self._combine_shards(packed, device)

@@ -148,3 +148,22 @@ def test_shapes_cover_row_tail_and_tiny_tensor():
 
     sizes = [int(np.prod(s)) for s in SHAPES.values()]
     assert any(n % ROW and n > ROW for n in sizes) and any(n < ROW for n in sizes)
+
+
+def test_read_norms_are_float64_sums_of_squares_for_every_dtype():
+    """The read-out's ‖W‖² (one multi-tensor norm per device) against sums of float64 squares: ~1e-12 relative
+    for fp32, bf16 and float64 tensors of any shape, zero for an empty one."""
+    from instrumented_adamw.reductions import sq_norms_exact
+
+    g = torch.Generator().manual_seed(3)
+    tensors = [
+        torch.randn(513, 77, generator=g),
+        (torch.randn(40, 9, generator=g) * 1e3).bfloat16(),
+        torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * 1e-3,
+        torch.randn(1, generator=g),
+        torch.empty(0),
+    ]
+    got = sq_norms_exact(tensors)
+    want = torch.tensor([t.double().square().sum().item() for t in tensors], dtype=torch.float64)
+    assert got.dtype == torch.float64 and got.shape == (5,)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
