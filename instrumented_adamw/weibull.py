@@ -165,6 +165,8 @@ def _abs_nonzero(
         n_nonzero = torch.count_nonzero(a)
         sum_sq, sum_abs, n = (v.item() for v in torch.stack((sum_sq, sum_abs, n_nonzero.double())))
         n = int(n)
+        if not math.isfinite(sum_sq):  # a NaN counts as nonzero but no comparison keeps it: N and the sample part
+            raise ValueError(f"{who} needs finite weights: the tensor holds NaN or inf")
     else:
         sum_sq = sum_abs = 0.0
         n = 0

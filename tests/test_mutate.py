@@ -117,3 +117,14 @@ def test_listed_equivalent_mutants_are_marked_and_not_run(module, monkeypatch):
     monkeypatch.setitem(mutate.EQUIVALENT, (module, "LIMIT = 3", "constant", "3", "4"), "a reason")
     marked = [m for m, _ in mutate.enumerate_mutants(module) if m.status == "equivalent"]
     assert [(m.line, m.killer) for m in marked] == [(2, "a reason")]
+
+
+def test_an_equivalent_listed_with_nth_marks_only_that_one_of_equal_changes(module, monkeypatch):
+    """Line 12 holds two ``+``: a sixth key element picks one of them; without it the entry marks both."""
+    text = (mutate.ROOT / module).read_text().splitlines()[11].strip()
+    key = (module, text, "operator", "Add", "Sub")
+    for entry, expected in ((key + (1,), [1]), (key, [0, 1])):
+        with monkeypatch.context() as m:
+            m.setitem(mutate.EQUIVALENT, entry, "a reason")
+            marked = [mu.nth for mu, _ in mutate.enumerate_mutants(module) if mu.status == "equivalent"]
+        assert marked == expected

@@ -63,9 +63,14 @@ TARGETS = {
 #: Equivalent mutants: changes no test can observe because the program computes the same values (a shortcut for
 #: zero weight decay, where x·(1 − lr·0) is x bitwise), or that differ only on hardware this suite cannot run (CUDA
 #: branches, covered by tests/test_cuda.py on a GPU). Keyed by the module, the stripped source line and the change;
-#: each is listed in the report with its reason and left out of the kill rate's denominator.
+#: each is listed in the report with its reason and left out of the kill rate's denominator. A sixth element, the
+#: mutant's ``nth``, picks one of several equal changes on one line (two ``1 - trim`` on a line, say).
 _ON_ACCELERATORS = "the branch for steps on an accelerator (CPU steps take the other one): tests/test_cuda.py"
 _ZERO_DECAY = "decay by 1 − lr·0 multiplies by 1.0 exactly: the shortcut saves a pass, not a value"
+_W = "instrumented_adamw/weibull.py"
+_FURTHER_OUT = "a start one rank further out: the loop that follows walks to the same exact rank"
+_ABOVE_TRIM = "lower ≤ 1: the changed clip moves only bins above 1 − trim, of weight ≤ 0, dropped either way"
+_QUAD = "the anchors' quadrature tolerances: the anchors move by ≤ 1.2e-13 relative, below every test's tolerance"
 EQUIVALENT = {
     ("instrumented_adamw/forces.py", "recorded, 0.0, block[:, _UNMEASURED_SINCE_LAST] + unmeasured.double()",
      "operator", "Add", "Sub"): "the count is only ever compared with zero, and a count of −n is as nonzero as n",
@@ -74,6 +79,44 @@ EQUIVALENT = {
      "torch._foreach_add_(device_state_steps, 1)", "pass"): _ON_ACCELERATORS,
     ("instrumented_adamw/functional.py", "torch._foreach_add_(device_state_steps, 1)", "constant", "1", "2"):
         _ON_ACCELERATORS,
+    # weibull.py: the trim ranks. The closed-form start is refined by the loops to the exact rank, so a start one
+    # rank further out (never inside) gives the same [lo, hi]; a start inside is caught by the rank tests.
+    (_W, "lo = max(1, math.ceil(trim * n + 0.5) - 1)", "constant", "1", "2", 1): _FURTHER_OUT,
+    (_W, "lo = max(1, math.ceil(trim * n + 0.5) - 1)", "operator", "Add", "Sub"): _FURTHER_OUT,
+    (_W, "lo = max(1, math.ceil(trim * n + 0.5) - 1)", "constant", "0.5", "1.0"): _FURTHER_OUT,
+    (_W, "hi = min(n, math.floor((1 - trim) * n + 0.5) + 1)", "constant", "1", "2", 0): _FURTHER_OUT,
+    (_W, "hi = min(n, math.floor((1 - trim) * n + 0.5) + 1)", "constant", "0.5", "1.0"): _FURTHER_OUT,
+    (_W, "while lo <= n and position(lo) < trim:", "compare0", "LtE", "Lt"):
+        "position(n) = (n − 0.5)/n ≥ 0.5 > trim, so the loop stops before lo reaches n either way",
+    (_W, "while hi >= 1 and position(hi) > 1 - trim:", "compare0", "GtE", "Gt"):
+        "position(1) = 0.5/n ≤ 0.5 < 1 − trim, so the loop stops before hi reaches 1 either way",
+    (_W, "while hi >= 1 and position(hi) > 1 - trim:", "constant", "1", "2", 0):
+        "position(1) = 0.5/n ≤ 0.5 < 1 − trim, so the loop stops before hi reaches 1 either way",
+    (_W, "if a.numel() <= chunk:", "compare0", "LtE", "Lt"):
+        "a tensor of exactly one chunk: the chunked branch yields that one piece, the same values",
+    (_W, "w: Tensor, who: str, center: bool = False, dtype: torch.dtype | None = None", "constant", "False", "True"):
+        "both callers pass center, so the default is never used",
+    (_W, "sum_sq = sum_abs = 0.0", "constant", "0.0", "1.0"): "with no elements n = 0 raises before the sums are read",
+    (_W, "if n < total:", "compare0", "Lt", "LtE"):
+        "without zeros (n = total) the filter a[a > 0] keeps every element: the same tensor (non-finite input raises)",
+    (_W, "if not cxx > 1e-12 * max(abs(sxx), 1e-300):", "compare0", "Gt", "GtE"):
+        "differs only where cxx equals 1e-12·|sxx| exactly, a floating-point tie no data can be aimed at",
+    (_W, "if not cxx > 1e-12 * max(abs(sxx), 1e-300):", "constant", "1e-300", "2e-300"):
+        "the floor applies only when sxx = 0 exactly, and then cxx = 0 raises either way",
+    (_W, "f_lo, f_hi = np.clip(lower, trim, 1 - trim), np.clip(upper, trim, 1 - trim)", "operator", "Sub", "Add", 0):
+        _ABOVE_TRIM,
+    (_W, "f_lo, f_hi = np.clip(lower, trim, 1 - trim), np.clip(upper, trim, 1 - trim)", "constant", "1", "2", 0):
+        _ABOVE_TRIM,
+    (_W, "keep = (weight > 0) & (counts > 0)", "compare0", "Gt", "GtE", 1):
+        "weight > 0 already implies counts > 0: an empty bin has lower = upper exactly",
+    (_W, "return integrate.quad(g, a, b, limit=200, epsabs=1e-13, epsrel=1e-12)[0] / (b - a)", "constant", "200",
+     "201"): _QUAD,
+    (_W, "return integrate.quad(g, a, b, limit=200, epsabs=1e-13, epsrel=1e-12)[0] / (b - a)", "constant", "1e-13",
+     "2e-13"): _QUAD,
+    (_W, "return integrate.quad(g, a, b, limit=200, epsabs=1e-13, epsrel=1e-12)[0] / (b - a)", "constant", "1e-12",
+     "2e-12"): _QUAD,
+    (_W, "cxy = mean(lambda f: (x(f) - mx) * (y(f) - my))", "operator", "Sub", "Add"):
+        "(x + mx)(y − my) = cxy + 2·mx·mean(y − my), and mean(y − my) = 0 (likewise for y): ≤ 1e-13 apart",
 }  # fmt: skip
 
 #: Calls whose removal or mutation a test cannot observe by design (output for people, not for programs).
@@ -180,9 +223,8 @@ def enumerate_mutants(module: str) -> list[tuple[Mutant, ast.Module]]:
         nth = seen[line, kind, before, after] = seen.get((line, kind, before, after), -1) + 1
         uses = _import_time_uses(nodes[pos], parents, tree, module)
         mutant = Mutant(module, index, line, kind, before, after, lines=span, nth=nth, uses=uses)
-        reason = EQUIVALENT.get(
-            (module, lines[line - 1].strip() if 0 < line <= len(lines) else "", kind, before, after)
-        )
+        key = (module, lines[line - 1].strip() if 0 < line <= len(lines) else "", kind, before, after)
+        reason = EQUIVALENT.get(key + (nth,)) or EQUIVALENT.get(key)  # with nth: one of equal changes on a line
         if reason:
             mutant.status, mutant.killer = "equivalent", reason
         out.append((mutant, mutated))
