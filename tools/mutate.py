@@ -57,7 +57,7 @@ TARGETS = {
     "instrumented_adamw/weibull.py": [
         "tests/test_weibull.py", "tests/test_weibull_parity.py", "tests/test_diagnostics.py",
     ],
-    "train/checkpoint.py": ["tests/test_train_faults.py", "tests/test_train_loop.py"],
+    "train/checkpoint.py": ["tests/test_checkpoint.py", "tests/test_train_faults.py", "tests/test_train_loop.py"],
 }  # fmt: skip
 
 #: Equivalent mutants: changes no test can observe because the program computes the same values (a shortcut for
@@ -68,6 +68,7 @@ TARGETS = {
 _ON_ACCELERATORS = "the branch for steps on an accelerator (CPU steps take the other one): tests/test_cuda.py"
 _ZERO_DECAY = "decay by 1 − lr·0 multiplies by 1.0 exactly: the shortcut saves a pass, not a value"
 _W = "instrumented_adamw/weibull.py"
+_C = "train/checkpoint.py"
 _FURTHER_OUT = "a start one rank further out: the loop that follows walks to the same exact rank"
 _ABOVE_TRIM = "lower ≤ 1: the changed clip moves only bins above 1 − trim, of weight ≤ 0, dropped either way"
 _QUAD = "the anchors' quadrature tolerances: the anchors move by ≤ 1.2e-13 relative, below every test's tolerance"
@@ -117,6 +118,18 @@ EQUIVALENT = {
      "2e-12"): _QUAD,
     (_W, "cxy = mean(lambda f: (x(f) - mx) * (y(f) - my))", "operator", "Sub", "Add"):
         "(x + mx)(y − my) = cxy + 2·mx·mean(y − my), and mean(y − my) = 0 (likewise for y): ≤ 1e-13 apart",
+    # train/checkpoint.py
+    (_C, "STATE_FORMAT = 2", "constant", "2", "3"):
+        "a version tag the writer and the reader share: any value reads what it writes (other versions are refused "
+        "by design, and no state of an older format is committed to test against)",
+    (_C, "model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)", "constant", "True", "False"):
+        "transformers 5 writes safetensors either way (under 4.x test_snapshot_is_a_verified_hf_directory kills it)",
+    (_C, "p.mkdir(exist_ok=True)", "constant", "True", "False"):
+        "the directory was just found missing: only another process creating it in between could tell",
+    (_C, "elif pointer != directory.name and dir_step(Path(pointer)) < state.step:", "compare0", "Lt", "LtE"):
+        "equal steps under different names: step_name never writes two names for one step",
+    (_C, "local = [t for t in local if t.is_floating_point() and t.numel()]", "boolop", "And", "Or"):
+        "integer and empty tensors are always finite: checking them too changes no answer",
 }  # fmt: skip
 
 #: Calls whose removal or mutation a test cannot observe by design (output for people, not for programs).
