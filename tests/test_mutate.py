@@ -128,3 +128,12 @@ def test_an_equivalent_listed_with_nth_marks_only_that_one_of_equal_changes(modu
             m.setitem(mutate.EQUIVALENT, entry, "a reason")
             marked = [mu.nth for mu, _ in mutate.enumerate_mutants(module) if mu.status == "equivalent"]
         assert marked == expected
+
+
+def test_retest_reruns_survivors_of_the_modules_named_and_keeps_the_others(module):
+    ms = [mutate.Mutant(mod, i, i, "k", "a", "b", status=s)
+          for i, (mod, s) in enumerate([(module, "killed"), (module, "survived"), ("other.py", "survived"),
+                                        ("other.py", "killed")])]  # fmt: skip
+    kept = mutate.carried_verdicts(ms, [module], retest=True)
+    assert sorted(m.index for m in kept.values()) == [0, 2, 3]
+    assert sorted(m.index for m in mutate.carried_verdicts(ms, [module], retest=False).values()) == [0, 1, 2, 3]

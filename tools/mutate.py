@@ -569,8 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     earlier = {}
     if args.resume and report.exists():
         verdicts = [Mutant(**{**d, "lines": tuple(d["lines"])}) for d in json.loads(report.read_text())]
-        kept = ("killed", "timeout") if args.retest else ("killed", "timeout", "survived")
-        earlier = {_key(m): m for m in verdicts if m.status in kept}
+        earlier = carried_verdicts(verdicts, args.modules, args.retest)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     copies = []
     for j in range(args.jobs):  # one copy of the repository per worker: mutants never share a file
@@ -650,6 +649,13 @@ def survivors(results: list[Mutant]) -> str:
             )
             out.append(f"- `{m.module}:{m.line}` {m.kind}: `{m.before}` → `{m.after}`{note}")
     return "\n".join(out) if out else "(none)"
+
+
+def carried_verdicts(verdicts: list[Mutant], modules: list[str], retest: bool) -> dict[tuple, Mutant]:
+    """The saved verdicts a ``--resume`` keeps, by mutant: all of them, or with ``--retest`` all but the survivors
+    of the modules being run (every verdict of the other modules stays as it was)."""
+    kept = ("killed", "timeout") if retest else ("killed", "timeout", "survived")
+    return {_key(m): m for m in verdicts if m.status in kept or m.module not in modules}
 
 
 def _key(m: Mutant) -> tuple:
