@@ -339,3 +339,17 @@ def test_fullgraph_compile_fails_as_for_torch(flags):
             torch.compile(opt.step, fullgraph=True)()
         errors.append(err.value)
     assert str(errors[0]).splitlines()[0] == str(errors[1]).splitlines()[0]
+
+
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_compiled_default_step_takes_the_kernel_unless_differentiable(differentiable, monkeypatch):
+    """Under torch.compile with default flags the kernel replaces the traced update; not for a differentiable
+    optimizer, whose step autograd must see through (an opaque kernel would cut the graph)."""
+    if cpu_adamw.load() is None:
+        pytest.fail(f"the CPU kernel did not build here: {cpu_adamw.status()}")
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    opt = InstrumentedAdamW([w], lr=1e-2, differentiable=differentiable)
+    local = [[w], [torch.randn(8, 4)], [torch.zeros(8, 4)], [torch.zeros(8, 4)], []]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    path = opt._path(opt.param_groups[0], local, scaled=False, tracking=True)
+    assert path == ("delegated" if differentiable else "cpu")

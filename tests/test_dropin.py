@@ -479,3 +479,26 @@ def test_state_dict_carries_the_track_every_phase():
     r = resumed.read_forces()
     assert list(r.steps) == [1] * 4 and list(r.unmeasured_steps) == [2] * 4
     np.testing.assert_array_equal(r.last, straight.read_forces().last)
+
+
+@pytest.mark.parametrize(
+    "hyper",
+    [{"lr": torch.tensor(1e-2)}, {"lr": torch.tensor([1e-2])}, {"betas": (torch.tensor(0.9), torch.tensor(0.99))}],
+    ids=["0-d lr", "[1] lr", "tensor betas"],
+)
+def test_tensor_hyperparameters_with_default_flags_are_torchs_update_bitwise(hyper):
+    """torch's default CPU step takes tensor lr and betas (its multi-tensor one refuses a tensor lr): ours must too,
+    with the same bits, and measure the steps."""
+
+    def run(cls):
+        w = torch.nn.Parameter(torch.randn(4, 6, generator=torch.Generator().manual_seed(1)))
+        opt = cls([w], **{"lr": 1e-2, **hyper})
+        g = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            w.grad = torch.randn(w.shape, generator=g)
+            opt.step()
+        return w.detach(), opt
+
+    (ref, _), (ours, opt) = run(torch.optim.AdamW), run(InstrumentedAdamW)
+    assert torch.equal(ref, ours)
+    assert list(opt.read_forces().steps) == [3]
