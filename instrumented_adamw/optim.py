@@ -278,7 +278,7 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
         dtype it serves and float hyperparameters. GradScaler's scale and found_inf, differentiable and tensor
         hyperparameters stay with torch's own update. ``capturable`` is no reason: torch's fused CPU kernel ignores
         it, and torch.compile sets it on every group while it traces ``step()``."""
-        params = local[0]
+        params = local[0]  # then grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
         if group["differentiable"] or not params or params[0].device.type != "cpu":
             return False
         if isinstance(group["lr"], Tensor) or any(isinstance(b, Tensor) for b in group["betas"]):

@@ -69,6 +69,7 @@ _ON_ACCELERATORS = "the branch for steps on an accelerator (CPU steps take the o
 _ZERO_DECAY = "decay by 1 − lr·0 multiplies by 1.0 exactly: the shortcut saves a pass, not a value"
 _W = "instrumented_adamw/weibull.py"
 _C = "train/checkpoint.py"
+_O = "instrumented_adamw/optim.py"
 _FURTHER_OUT = "a start one rank further out: the loop that follows walks to the same exact rank"
 _ABOVE_TRIM = "lower ≤ 1: the changed clip moves only bins above 1 − trim, of weight ≤ 0, dropped either way"
 _QUAD = "the anchors' quadrature tolerances: the anchors move by ≤ 1.2e-13 relative, below every test's tolerance"
@@ -118,6 +119,19 @@ EQUIVALENT = {
      "2e-12"): _QUAD,
     (_W, "cxy = mean(lambda f: (x(f) - mx) * (y(f) - my))", "operator", "Sub", "Add"):
         "(x + mx)(y − my) = cxy + 2·mx·mean(y − my), and mean(y − my) = 0 (likewise for y): ≤ 1e-13 apart",
+    # optim.py: guards whose other branch is caught again further on
+    (_O, 'if isinstance(group["lr"], Tensor) or isinstance(group["betas"][0], Tensor):', "constant", "0", "1"):
+        "torch accepts betas only both floats or both tensors: betas[1] tells what betas[0] does",
+    (_O, '_, foreach = _default_to_fused_or_foreach(params, group["differentiable"], use_fused=False)', "constant",
+     "False", "True"): "only the helper's second result (foreach) is read; use_fused changes the first",
+    (_O, "others = [ts[i] for ts in local[1 : 5 if amsgrad else 4]]", "constant", "5", "6"):
+        "local holds five lists: the slice to 6 is the slice to 5",
+    (_O, "params = local[0]  # then grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs", "constant", "0", "1"):
+        "the grads stand in for the params: same device and dtype, and a non-contiguous param has non-contiguous "
+        "moments (created like it), which the loop checks",
+    (_O, 'if p.device.type != "cpu" or not p.is_contiguous() or p.is_complex():', "boolop", "Or", "And"):
+        "each case is refused again below: the first tensor's device, the moments' strides (created like the param), "
+        "no complex dtype served",
     # train/checkpoint.py
     (_C, "STATE_FORMAT = 2", "constant", "2", "3"):
         "a version tag the writer and the reader share: any value reads what it writes (other versions are refused "
