@@ -185,3 +185,29 @@ def test_monitor_defaults_and_bad_intervals():
     for kwargs in ({"log_every": 0}, {"weibull_every": -1}, {"per_tensor_every": -1}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             ForceMonitor(opt, model, **kwargs)
+
+
+def test_aggregate_guards_small_values_and_open_books():
+    """cos(W, û) needs only ‖û‖² > 0 and ‖W‖² > 0 (not > 1); an interval with one unmeasured step has no residual
+    (NaN, not the 0 a nansum of NaNs gives); a zero budget has no relative residual (NaN, not inf)."""
+    from instrumented_adamw.forces import ForceReadout, ForceStats, forces_from_reductions
+    from instrumented_adamw.monitor import aggregate
+
+    def readout(red, lr, unmeasured=False, w_sq_now=0.1):
+        stats = ForceStats(torch.device("cpu"))
+        stats.add_rows(["a"])
+        stats.record((0,), forces_from_reductions(torch.tensor([red], dtype=torch.float64), lr, 0.1))
+        if unmeasured:
+            stats.record_unmeasured((0,))
+        return ForceReadout.from_tables(["a"], stats.table.numpy(), np.array([w_sq_now]))
+
+    small = aggregate(readout([0.01, 0.04, 0.09], 1e-2), np.array([0]), np.array([10]))  # ‖û‖² and ‖W‖² below 1
+    assert small["cos_w_u"] == pytest.approx(0.01 / math.sqrt(0.04 * 0.09), rel=1e-12)
+    assert small["cos_w_u_interval"] == pytest.approx(0.01 / math.sqrt(0.04 * 0.09), rel=1e-12)
+    assert math.isfinite(small["residual"]) and math.isfinite(small["rel_residual"])
+    open_books = aggregate(readout([0.01, 0.04, 0.09], 1e-2, unmeasured=True), np.array([0]), np.array([10]))
+    assert open_books["unmeasured_steps"] == 1
+    assert math.isnan(open_books["residual"]) and math.isnan(open_books["rel_residual"])
+    no_budget = aggregate(readout([0.01, 0.04, 0.09], 0.0, w_sq_now=0.2), np.array([0]), np.array([10]))  # lr 0
+    assert no_budget["align"] == no_budget["inject"] == no_budget["decay"] == 0.0
+    assert no_budget["residual"] == pytest.approx(0.2 - 0.09, rel=1e-12) and math.isnan(no_budget["rel_residual"])
