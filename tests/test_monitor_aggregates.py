@@ -211,3 +211,27 @@ def test_aggregate_guards_small_values_and_open_books():
     no_budget = aggregate(readout([0.01, 0.04, 0.09], 0.0, w_sq_now=0.2), np.array([0]), np.array([10]))  # lr 0
     assert no_budget["align"] == no_budget["inject"] == no_budget["decay"] == 0.0
     assert no_budget["residual"] == pytest.approx(0.2 - 0.09, rel=1e-12) and math.isnan(no_budget["rel_residual"])
+
+
+def test_per_tensor_sums_carry_every_count_between_entries():
+    """With per_tensor_every > log_every, a read's per-tensor entry adds the pending sums of the reads since the last
+    entry: each quantity, steps, nonfinite and unmeasured steps and the residual into its own column."""
+    from instrumented_adamw.forces import ForceReadout
+
+    w = torch.nn.Parameter(torch.randn(3, 3))
+    mon = ForceMonitor(InstrumentedAdamW([("w", w)], lr=1e-2), log_every=10, per_tensor_every=20)
+    q = len(QUANTITIES)
+
+    def readout(scale, steps, nonfinite, unmeasured, residual):
+        return ForceReadout(
+            names=("w",), last=np.zeros((1, len(LAST_KEYS))), interval=scale * np.arange(1.0, q + 1)[None, :],
+            steps=np.array([steps]), nonfinite_steps=np.array([nonfinite]), unmeasured_steps=np.array([unmeasured]),
+            last_finite=np.array([True]), w_sq_now=np.array([1.0]), residual=np.array([residual]),
+            last_residual=np.array([0.0]),
+        )  # fmt: skip
+
+    mon._since_last_tensor_entry(readout(1.0, 10, 2, 3, 0.5))
+    both = mon._since_last_tensor_entry(readout(10.0, 9, 1, 4, 0.25))
+    np.testing.assert_array_equal(both.interval, 11.0 * np.arange(1.0, q + 1)[None, :])
+    assert (both.steps[0], both.nonfinite_steps[0], both.unmeasured_steps[0]) == (19, 3, 7)
+    assert both.residual[0] == 0.75
