@@ -318,11 +318,11 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
             if any(s.device != device for s in steps_b):
                 steps_b = [s.to(device) for s in steps_b]
             steps = torch.stack(steps_b).to(torch.float32)
-            red, self._plans[(group_index, device, dtype)] = fused_adamw_reduce(
+            key = (group_index, device, dtype)
+            red, self._plans[key] = fused_adamw_reduce(
                 pick(params), grads_b, pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else [],
                 steps, lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad,
-                maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
-                plan=self._plans.get((group_index, device, dtype)),
+                maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, plan=self._plans.get(key),
             )  # fmt: skip
             self._kernel_launches += 1
             keep = [j for j, i in enumerate(idx) if tracked[i]]

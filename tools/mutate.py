@@ -72,6 +72,14 @@ _C = "train/checkpoint.py"
 _O = "instrumented_adamw/optim.py"
 _FURTHER_OUT = "a start one rank further out: the loop that follows walks to the same exact rank"
 _ABOVE_TRIM = "lower ≤ 1: the changed clip moves only bins above 1 − trim, of weight ≤ 0, dropped either way"
+#: weibull.py source lines holding several listed mutants.
+_LO = "lo = max(1, math.ceil(trim * n + 0.5) - 1)"
+_HI = "hi = min(n, math.floor((1 - trim) * n + 0.5) + 1)"
+_HI_LOOP = "while hi >= 1 and position(hi) > 1 - trim:"
+_SPREAD = "if not cxx > 1e-12 * max(abs(sxx), 1e-300):"
+_CLIP = "f_lo, f_hi = np.clip(lower, trim, 1 - trim), np.clip(upper, trim, 1 - trim)"
+_QUAD_CALL = "return integrate.quad(g, a, b, limit=200, epsabs=1e-13, epsrel=1e-12)[0] / (b - a)"
+_HI_STOPS = "position(1) = 0.5/n ≤ 0.5 < 1 − trim, so the loop stops before hi reaches 1 either way"
 _QUAD = "the anchors' quadrature tolerances: the anchors move by ≤ 1.2e-13 relative, below every test's tolerance"
 EQUIVALENT = {
     ("instrumented_adamw/forces.py", "recorded, 0.0, block[:, _UNMEASURED_SINCE_LAST] + unmeasured.double()",
@@ -83,17 +91,17 @@ EQUIVALENT = {
         _ON_ACCELERATORS,
     # weibull.py: the trim ranks. The closed-form start is refined by the loops to the exact rank, so a start one
     # rank further out (never inside) gives the same [lo, hi]; a start inside is caught by the rank tests.
-    (_W, "lo = max(1, math.ceil(trim * n + 0.5) - 1)", "constant", "1", "2", 1): _FURTHER_OUT,
-    (_W, "lo = max(1, math.ceil(trim * n + 0.5) - 1)", "operator", "Add", "Sub"): _FURTHER_OUT,
-    (_W, "lo = max(1, math.ceil(trim * n + 0.5) - 1)", "constant", "0.5", "1.0"): _FURTHER_OUT,
-    (_W, "hi = min(n, math.floor((1 - trim) * n + 0.5) + 1)", "constant", "1", "2", 0): _FURTHER_OUT,
-    (_W, "hi = min(n, math.floor((1 - trim) * n + 0.5) + 1)", "constant", "0.5", "1.0"): _FURTHER_OUT,
+    (_W, _LO, "constant", "1", "2", 1): _FURTHER_OUT,
+    (_W, _LO, "operator", "Add", "Sub"): _FURTHER_OUT,
+    (_W, _LO, "constant", "0.5", "1.0"): _FURTHER_OUT,
+    (_W, _HI, "constant", "1", "2", 0): _FURTHER_OUT,
+    (_W, _HI, "constant", "0.5", "1.0"): _FURTHER_OUT,
     (_W, "while lo <= n and position(lo) < trim:", "compare0", "LtE", "Lt"):
         "position(n) = (n − 0.5)/n ≥ 0.5 > trim, so the loop stops before lo reaches n either way",
-    (_W, "while hi >= 1 and position(hi) > 1 - trim:", "compare0", "GtE", "Gt"):
-        "position(1) = 0.5/n ≤ 0.5 < 1 − trim, so the loop stops before hi reaches 1 either way",
-    (_W, "while hi >= 1 and position(hi) > 1 - trim:", "constant", "1", "2", 0):
-        "position(1) = 0.5/n ≤ 0.5 < 1 − trim, so the loop stops before hi reaches 1 either way",
+    (_W, _HI_LOOP, "compare0", "GtE", "Gt"):
+        _HI_STOPS,
+    (_W, _HI_LOOP, "constant", "1", "2", 0):
+        _HI_STOPS,
     (_W, "if a.numel() <= chunk:", "compare0", "LtE", "Lt"):
         "a tensor of exactly one chunk: the chunked branch yields that one piece, the same values",
     (_W, "w: Tensor, who: str, center: bool = False, dtype: torch.dtype | None = None", "constant", "False", "True"):
@@ -101,22 +109,15 @@ EQUIVALENT = {
     (_W, "sum_sq = sum_abs = 0.0", "constant", "0.0", "1.0"): "with no elements n = 0 raises before the sums are read",
     (_W, "if n < total:", "compare0", "Lt", "LtE"):
         "without zeros (n = total) the filter a[a > 0] keeps every element: the same tensor (non-finite input raises)",
-    (_W, "if not cxx > 1e-12 * max(abs(sxx), 1e-300):", "compare0", "Gt", "GtE"):
+    (_W, _SPREAD, "compare0", "Gt", "GtE"):
         "differs only where cxx equals 1e-12·|sxx| exactly, a floating-point tie no data can be aimed at",
-    (_W, "if not cxx > 1e-12 * max(abs(sxx), 1e-300):", "constant", "1e-300", "2e-300"):
+    (_W, _SPREAD, "constant", "1e-300", "2e-300"):
         "the floor applies only when sxx = 0 exactly, and then cxx = 0 raises either way",
-    (_W, "f_lo, f_hi = np.clip(lower, trim, 1 - trim), np.clip(upper, trim, 1 - trim)", "operator", "Sub", "Add", 0):
-        _ABOVE_TRIM,
-    (_W, "f_lo, f_hi = np.clip(lower, trim, 1 - trim), np.clip(upper, trim, 1 - trim)", "constant", "1", "2", 0):
-        _ABOVE_TRIM,
+    (_W, _CLIP, "operator", "Sub", "Add", 0): _ABOVE_TRIM,
+    (_W, _CLIP, "constant", "1", "2", 0): _ABOVE_TRIM,
     (_W, "keep = (weight > 0) & (counts > 0)", "compare0", "Gt", "GtE", 1):
         "weight > 0 already implies counts > 0: an empty bin has lower = upper exactly",
-    (_W, "return integrate.quad(g, a, b, limit=200, epsabs=1e-13, epsrel=1e-12)[0] / (b - a)", "constant", "200",
-     "201"): _QUAD,
-    (_W, "return integrate.quad(g, a, b, limit=200, epsabs=1e-13, epsrel=1e-12)[0] / (b - a)", "constant", "1e-13",
-     "2e-13"): _QUAD,
-    (_W, "return integrate.quad(g, a, b, limit=200, epsabs=1e-13, epsrel=1e-12)[0] / (b - a)", "constant", "1e-12",
-     "2e-12"): _QUAD,
+    **{(_W, _QUAD_CALL, "constant", a, b): _QUAD for a, b in (("200", "201"), ("1e-13", "2e-13"), ("1e-12", "2e-12"))},
     (_W, "cxy = mean(lambda f: (x(f) - mx) * (y(f) - my))", "operator", "Sub", "Add"):
         "(x + mx)(y − my) = cxy + 2·mx·mean(y − my), and mean(y − my) = 0 (likewise for y): ≤ 1e-13 apart",
     # optim.py: guards whose other branch is caught again further on
