@@ -105,7 +105,7 @@ def aggregate(readout: ForceReadout, rows: np.ndarray, numel: np.ndarray) -> dic
     steps = np.maximum(readout.steps[rows], 1)
     u_norm = math.sqrt(float((readout.interval[rows, _COL["u_sq"]] / steps).sum()))  # interval-mean ‖û‖
     cos_interval = out["w_dot_u"] / math.sqrt(out["w_sq"] * out["u_sq"]) if out["w_sq"] * out["u_sq"] > 0 else math.nan
-    lr, wd, ulr = float(last[:, _LR].mean()), float(last[:, _WD].mean()), float(last[:, _ULR].mean())
+    lr, wd, ulr = (float(last[:, c].mean()) for c in (_LR, _WD, _ULR)) if len(rows) else (math.nan,) * 3
     # Steps that moved W unmeasured (track_every > 1) leave the books open: no residual rather than a wrong one.
     closes = not (readout.unmeasured_steps[rows] > 0).any()
     residual = float(np.nansum(readout.residual[rows])) if closes else math.nan

@@ -9,6 +9,7 @@ should take the last step (cos(W, û)), or skips a log step, fails here.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -126,6 +127,23 @@ def test_class_and_layer_entries_and_metrics_follow_their_definitions(logged):
     assert t_over_tau["Transmission"] == pytest.approx(lr_sum, rel=1e-9)
 
 
+def test_weibull_summary_is_each_class_median_of_its_own_blocks(logged):
+    """The fit record's per-class k and λ medians, recomputed from its blocks: a class's median over only its own
+    matrices, with the classes' medians apart so that mixing in another class's blocks shows."""
+    for rec in read_jsonl(logged["out"] / "weibull.jsonl"):
+        blocks, summary = rec["blocks"], rec["summary"]
+        classes = {b["cls"] for b in blocks}
+        assert len(classes) >= 2 and set(summary) == {
+            f"weibull/{c}/{s}" for c in classes for s in ("k_median", "lam_median")
+        }
+        for c in classes:
+            mine = [b for b in blocks if b["cls"] == c]
+            assert summary[f"weibull/{c}/k_median"] == float(np.median([b["k"] for b in mine]))
+            assert summary[f"weibull/{c}/lam_median"] == float(np.median([b["lam"] for b in mine]))
+        lam = {c: summary[f"weibull/{c}/lam_median"] for c in classes}
+        assert len(set(lam.values())) == len(lam), lam
+
+
 # ---------------------------------------------------------------------------------------------- unit definitions
 def test_shares_are_fractions_of_the_absolute_budget():
     from instrumented_adamw.monitor import shares
@@ -159,7 +177,9 @@ def test_aggregate_residual_share_and_empty_selection_follow_their_definitions()
     u_norm = math.sqrt(readout.interval[:, col["u_sq"]].sum())  # one step: the interval mean is that step's
     cos = out["w_dot_u"] / math.sqrt(out["w_sq"] * out["u_sq"])
     assert out["rms_eq"] == pytest.approx(equilibrium_norm(u_norm, cos, 1e-2, 0.1) / math.sqrt(30), rel=1e-12)
-    empty = aggregate(readout, np.array([], dtype=np.int64), np.array([10, 20]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy mean-of-empty warning either
+        empty = aggregate(readout, np.array([], dtype=np.int64), np.array([10, 20]))
     assert empty["eta_lambda"] == 0.0 and math.isnan(empty["rms"])
     assert (empty["steps"], empty["nonfinite_steps"], empty["unmeasured_steps"]) == (0, 0, 0)
 
@@ -235,3 +255,36 @@ def test_per_tensor_sums_carry_every_count_between_entries():
     np.testing.assert_array_equal(both.interval, 11.0 * np.arange(1.0, q + 1)[None, :])
     assert (both.steps[0], both.nonfinite_steps[0], both.unmeasured_steps[0]) == (19, 3, 7)
     assert both.residual[0] == 0.75
+
+
+def test_zero_norms_give_nan_cosines_without_numpy_warnings():
+    """A tensor whose û is exactly zero (no gradient yet) or whose W is zero has no angle: cos is NaN, decided by the
+    guards before any division, so a monitored run does not print numpy's 0/0 warning at every log."""
+    from instrumented_adamw.forces import ForceReadout, ForceStats, forces_from_reductions
+    from instrumented_adamw.monitor import aggregate
+
+    def readout(red):
+        stats = ForceStats(torch.device("cpu"))
+        stats.add_rows(["a"])
+        stats.record((0,), forces_from_reductions(torch.tensor([red], dtype=torch.float64), 1e-2, 0.1))
+        return ForceReadout.from_tables(["a"], stats.table.numpy(), np.array([red[2]]))
+
+    for red in ([0.0, 0.0, 4.0], [0.0, 4.0, 0.0], [0.0, 0.0, 0.0]):  # û = 0; W = 0; both
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = aggregate(readout(red), np.array([0]), np.array([10]))
+        assert math.isnan(out["cos_w_u"]) and math.isnan(out["cos_w_u_interval"]), red
+
+
+def test_model_type_comes_from_the_model_unless_given():
+    """ForceMonitor(model=...) takes the naming table from ``model.config.model_type``; an explicit model_type
+    wins over it (a GPT-NeoX model read with Llama's table leaves its attention matrices unclassified)."""
+    model = tiny_model("gpt_neox")
+    opt = InstrumentedAdamW(model.named_parameters())
+    own = ForceMonitor(opt, model)
+    assert own.model_type == "gpt_neox"
+    assert own.roles["gpt_neox.layers.0.attention.dense.weight"].cls == "Transmission"
+    told = ForceMonitor(opt, model, model_type="llama")
+    assert told.model_type == "llama"
+    assert told.roles["gpt_neox.layers.0.attention.dense.weight"].cls != "Transmission"
+    assert ForceMonitor(opt).model_type is None
