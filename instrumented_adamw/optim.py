@@ -298,8 +298,9 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
     ):  # fmt: skip
         """One launch pair per (device, dtype) bucket of a group; steps stay on the device (no host sync).
 
-        The common case, one bucket per group, passes the lists as they are and returns the kernel's [T, 3] rows
-        stacked: per-tensor Python here (views, copies, row indexing) was most of a small model's step."""
+        The common case, one bucket per group, passes the lists as they are; the kernel's [T, 3] rows come back
+        stacked (several dtype buckets on one device concatenated): per-tensor Python here (views, copies, row
+        indexing) was most of a small model's step."""
         from .triton_adamw import fused_adamw_reduce
 
         torch._foreach_add_(state_steps, 1)
@@ -332,4 +333,7 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
             torch._foreach_sub_(state_steps, [found_inf.to(s.device) for s in state_steps])
         if len(measured) == 1:
             return measured[0]
+        if len({m.values.device for m in measured}) == 1:  # several dtypes on one device: still one record
+            positions = [i for m in measured for i in m.positions]
+            return StackedReductions(positions, torch.cat([m.values for m in measured]))
         return {i: row for m in measured for i, row in zip(m.positions, m.values.unbind(), strict=True)}

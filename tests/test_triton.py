@@ -28,6 +28,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 from helpers import make_params, param_groups, reference_reductions, set_grads  # noqa: E402
 
 from instrumented_adamw import InstrumentedAdamW  # noqa: E402
+from instrumented_adamw.functional import StackedReductions  # noqa: E402
 from instrumented_adamw.triton_adamw import fused_adamw_reduce  # noqa: E402
 
 # Against BLOCK = 1024: full blocks only; a tail of 8 (16 bytes in bf16); tails that are a multiple of 16 bytes in
@@ -259,11 +260,16 @@ def test_optimizer_fused_path_mixed_dtypes_and_filtered_rows(monkeypatch):
     }
     ours = InstrumentedAdamW(list(params.items()), lr=1e-2, fused=True, track_filter=lambda n: n != "c.weight")
     c0 = params["c.weight"].detach().clone()
+    recorded = []
+    real_record = ours._record
+    monkeypatch.setattr(ours, "_record", lambda ps, red, *a, **k: recorded.append(red) or real_record(ps, red, *a, **k))
     for step in range(3):
         set_grads(params, step)
         pre = {n: p.detach().clone() for n, p in params.items()}
         ours.step()
     assert ours._kernel_launches == 6 and len(ours._plans) == 2
+    # Both buckets on one device come back as one stacked record, rows in bucket order: fp32 (a), then bf16 (b, d).
+    assert all(isinstance(r, StackedReductions) for r in recorded) and recorded[-1].positions == [0, 1, 3]
     last = ours.last_forces().to_dict()
     assert sorted(last) == ["a.weight", "b.weight", "d.bias"]
     assert ours.state[params["c.weight"]]["step"].item() == 3 and not torch.equal(params["c.weight"], c0)
