@@ -40,6 +40,14 @@ _SUM = slice(len(LAST_KEYS), len(LAST_KEYS) + _NQ)
 ) = range(_SUM.stop, _SUM.stop + 8)
 
 
+#: The table's layout, for kernels that update rows on the device themselves (``triton_adamw``): the first column
+#: of the last-step and interval blocks, and each counter's column. ``ForceStats.record`` is the definition.
+TABLE_LAYOUT = dict(
+    WIDTH=_WIDTH, N_LAST=len(LAST_KEYS), N_SUM=_NQ, LAST=_LAST.start, SUM=_SUM.start, START_W_SQ=_START_W_SQ,
+    STEPS=_STEPS, NONFINITE=_NONFINITE, LAST_FINITE=_LAST_FINITE, UNMEASURED_SINCE_LAST=_UNMEASURED_SINCE_LAST,
+    START_KNOWN=_START_KNOWN,
+)  # fmt: skip
+
 #: Quantities that are sums over the elements of a tensor (everything but the per-step hyperparameters), so a
 #: sharded tensor's value is the sum of its shards' values.
 _ELEMENT_SUMS = [q != "eta_lambda" for q in QUANTITIES]
@@ -144,7 +152,8 @@ class ForceStats:
         self.table = torch.cat((self.table, extra))
         return list(range(first, first + len(names)))
 
-    def _index(self, rows: tuple[int, ...]) -> Tensor:
+    def row_index(self, rows: tuple[int, ...]) -> Tensor:
+        """``rows`` as a long tensor on the table's device (−1 may stand for "no row" where a kernel takes it)."""
         idx = self._index_cache.get(rows)
         if idx is None:
             # Built once per distinct row set (usually once per param group), not per step.
@@ -160,7 +169,7 @@ class ForceStats:
         measured (``track_every`` under ``torch.compile``, where the choice must stay on the device): it is
         counted as unmeasured instead.
         """
-        idx = self._index(rows)
+        idx = self.row_index(rows)
         block = self.table.index_select(0, idx)
         finite = torch.isfinite(values[:, :_NQ]).all(dim=1)
         happened = torch.ones_like(finite) if skip is None else (skip.to(self.device) == 0).expand_as(finite)
@@ -186,7 +195,7 @@ class ForceStats:
 
     def record_unmeasured(self, rows: tuple[int, ...], skip: Tensor | None = None) -> None:
         """A step that moved these rows' tensors without measuring them (``track_every > 1``): one small update."""
-        idx = self._index(rows)
+        idx = self.row_index(rows)
         add = torch.ones((), dtype=torch.float64, device=self.device)
         if skip is not None:
             add = (skip.to(self.device) == 0).double()

@@ -19,6 +19,11 @@ __all__ = ["WEIGHT_DECAY_SCHEDULES", "InstrumentedAdamW", "unwrap_optimizer"]
 _SAME_MATH_DTYPES = (torch.float32, torch.float64)
 
 
+def _is_float(x) -> bool:
+    """A host number (a tensor hyperparameter would need a host read to become a kernel argument)."""
+    return isinstance(x, (int, float))
+
+
 class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
     r"""AdamW whose ``step()`` also measures, per tensor, why ‖W‖² changed.
 
@@ -185,9 +190,14 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
                 reductions = StackedReductions(positions, out if len(positions) == len(params) else out[positions])
                 skip = None
             elif path == "triton":
+                # Eager steps with float η and λ fold their forces into the table inside the kernel's second launch
+                # (the host's per-step work on small models); otherwise the reductions come back to _record.
+                into = None
+                if any(tracked) and mask is None and not compiling and _is_float(lr) and _is_float(weight_decay):
+                    into = [self._rows[id(p)] if flag else None for p, flag in zip(params, tracked, strict=True)]
                 reductions = self._triton_step(
                     *lists, group_index=g_index, beta1=beta1, beta2=beta2, grad_scale=grad_scale,
-                    found_inf=found_inf, **common,
+                    found_inf=found_inf, into=into, **common,
                 )  # fmt: skip
                 skip = found_inf
             elif path == "delegated":
@@ -294,14 +304,16 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
 
     def _triton_step(
         self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, tracked, *, group_index, amsgrad,
-        beta1, beta2, lr, weight_decay, eps, maximize, grad_scale, found_inf,
+        beta1, beta2, lr, weight_decay, eps, maximize, grad_scale, found_inf, into=None,
     ):  # fmt: skip
         """One launch pair per (device, dtype) bucket of a group; steps stay on the device (no host sync).
 
-        The common case, one bucket per group, passes the lists as they are; the kernel's [T, 3] rows come back
-        stacked (several dtype buckets on one device concatenated): per-tensor Python here (views, copies, row
-        indexing) was most of a small model's step."""
-        from .triton_adamw import fused_adamw_reduce
+        ``into`` (each tensor's (device, row) in the force tables, None where not measured): the second launch
+        records the step into the table itself and nothing comes back for those rows. Otherwise, or for a bucket
+        whose table is elsewhere, the kernel's [T, 3] rows come back stacked (several dtype buckets on one device
+        concatenated). The common case, one bucket per group, passes the lists as they are: per-tensor Python here
+        (views, copies, row indexing, the table update's small ops) was most of a small model's step."""
+        from .triton_adamw import RecordInto, fused_adamw_reduce
 
         torch._foreach_add_(state_steps, 1)
         buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -320,14 +332,22 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
                 steps_b = [s.to(device) for s in steps_b]
             steps = torch.stack(steps_b).to(torch.float32)
             key = (group_index, device, dtype)
+            record = None
+            if into is not None and device in self._stats:
+                places = pick(into)
+                if all(place is None or place[0] == device for place in places):
+                    stats = self._stats[device]
+                    rows = stats.row_index(tuple(-1 if place is None else place[1] for place in places))
+                    record = RecordInto(stats.table, rows, float(lr), float(weight_decay))
             red, self._plans[key] = fused_adamw_reduce(
                 pick(params), grads_b, pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else [],
                 steps, lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad,
                 maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, plan=self._plans.get(key),
+                record=record,
             )  # fmt: skip
             self._kernel_launches += 1
             keep = [j for j, i in enumerate(idx) if tracked[i]]
-            if keep:
+            if keep and record is None:
                 measured.append(StackedReductions([idx[j] for j in keep], red if len(keep) == len(idx) else red[keep]))
         if found_inf is not None:  # a skipped step does not count, as in torch's fused AdamW
             torch._foreach_sub_(state_steps, [found_inf.to(s.device) for s in state_steps])

@@ -22,6 +22,10 @@ few floats per block.
   argument's alignment specialises: 12 variants per GPU architecture, each compiled once on first use.
 * **Deterministic reductions**: each program sums its block in fp32 and writes one partial per quantity; a
   second kernel adds each tensor's partials in a fixed order in float64. No atomics: bitwise reproducible.
+* **Recorded in the kernel**: on an eager step with float η and λ the second kernel also folds the step into the
+  tensor's row of the force table (``ForceStats.record``'s arithmetic, without FMA contraction: the same bits).
+  The host then launches two kernels per bucket and nothing else for tracking, where the table update was some
+  forty small launches, most of a small model's host time per step.
 * **No host sync**: lr may be a device tensor (capturable / CUDA graphs); bias corrections are computed in the
   kernel from each tensor's step; ``found_inf`` (GradScaler) makes every program skip its block before writing.
 
@@ -31,11 +35,15 @@ On CPU the same kernels run under ``TRITON_INTERPRET=1`` (tests); the optimizer 
 from __future__ import annotations
 
 import math
+import struct
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .forces import TABLE_LAYOUT
 
 #: Elements per program. 1024 fp32 elements × 5 streams keeps several 16-byte loads in flight per thread.
 BLOCK = 1024
@@ -163,8 +171,36 @@ def _adamw_block(
 
 
 @triton.jit
-def _sum_partials(partials, first_block, n_blocks, out, CHUNK: tl.constexpr):
-    """Stage two: tensor t's partials, added in a fixed order in float64 (one program per tensor)."""
+def _f64(hi, lo):
+    """The float64 whose bits are ``hi``·2³² + ``lo`` (two int32 halves: kernel float arguments are fp32, and an
+    int64 argument would be typed by its value, a small one as int32, making a variant)."""
+    return ((hi.to(tl.int64) << 32) | lo.to(tl.uint32).to(tl.int64)).to(tl.float64, bitcast=True)
+
+
+# found_inf comes from GradScaler (any address); the table and rows are ours, and read or written one element at a
+# time, where alignment buys nothing.
+@triton.jit(
+    do_not_specialize=("lr_hi", "lr_lo", "wd_hi", "wd_lo"),
+    do_not_specialize_on_alignment=("table", "rows", "found_inf_ptr"),
+)
+def _sum_partials(
+    partials, first_block, n_blocks, out,
+    table,  # fp64 [rows, WIDTH]: the device's force table (a dummy without RECORD)
+    rows,  # int64 [T]: each tensor's row of it, −1 for a tensor not measured
+    found_inf_ptr,  # fp32 [1]: nonzero, the step was skipped (GradScaler) and is not recorded
+    lr_hi, lr_lo, wd_hi, wd_lo,  # η and λ in float64, as the halves of their bits
+    CHUNK: tl.constexpr,
+    RECORD: tl.constexpr,
+    WIDTH: tl.constexpr, N_LAST: tl.constexpr, N_SUM: tl.constexpr, LAST: tl.constexpr, SUM: tl.constexpr,
+    START_W_SQ: tl.constexpr, STEPS: tl.constexpr, NONFINITE: tl.constexpr, LAST_FINITE: tl.constexpr,
+    UNMEASURED_SINCE_LAST: tl.constexpr, START_KNOWN: tl.constexpr,
+):  # fmt: skip
+    """Stage two: tensor t's partials, added in a fixed order in float64 (one program per tensor).
+
+    With RECORD, the program also folds the step into the tensor's row of the force table, which is what
+    ``ForceStats.record`` does with ``forces_from_reductions`` for one measured step (``measured=None``): the same
+    float64 operations in the same order, so the table is the same bit for bit (this kernel is compiled without
+    FMA contraction). One launch instead of some forty small ones on the host's critical path of every step."""
     t = tl.program_id(0)
     first = tl.load(first_block + t)
     count = tl.load(n_blocks + t)
@@ -177,14 +213,71 @@ def _sum_partials(partials, first_block, n_blocks, out, CHUNK: tl.constexpr):
         acc0 += tl.load(partials + idx * 3 + 0, mask=mask, other=0.0).to(tl.float64)
         acc1 += tl.load(partials + idx * 3 + 1, mask=mask, other=0.0).to(tl.float64)
         acc2 += tl.load(partials + idx * 3 + 2, mask=mask, other=0.0).to(tl.float64)
-    tl.store(out + t * 3 + 0, tl.sum(acc0, axis=0))
-    tl.store(out + t * 3 + 1, tl.sum(acc1, axis=0))
-    tl.store(out + t * 3 + 2, tl.sum(acc2, axis=0))
+    wu = tl.sum(acc0, axis=0)
+    uu = tl.sum(acc1, axis=0)
+    ww = tl.sum(acc2, axis=0)
+    tl.store(out + t * 3 + 0, wu)
+    tl.store(out + t * 3 + 1, uu)
+    tl.store(out + t * 3 + 2, ww)
+    if RECORD:
+        row = tl.load(rows + t)
+        if row >= 0:
+            eta = _f64(lr_hi, lr_lo)
+            lam = _f64(wd_hi, wd_lo)
+            shrink = eta * lam
+            align = -2.0 * eta * wu
+            inject = eta * eta * uu
+            decay = -2.0 * shrink * ww
+            higher = 2.0 * eta * shrink * wu + shrink * shrink * ww
+            # The row of LAST_KEYS: w_dot_u, u_sq, w_sq, align, inject, decay, higher_order, eta_lambda, lr,
+            # weight_decay, update_lr (= lr for AdamW).
+            c = tl.arange(0, 16)
+            vals = tl.where(c == 0, wu, tl.where(c == 1, uu, tl.where(c == 2, ww, tl.where(c == 3, align, 0.0))))
+            vals = tl.where(c == 4, inject, tl.where(c == 5, decay, tl.where(c == 6, higher, vals)))
+            vals = tl.where(c == 7, shrink, tl.where((c == 8) | (c == 10), eta, tl.where(c == 9, lam, vals)))
+            # x − x is 0 exactly for a finite x, NaN for ±inf and NaN.
+            finite = tl.sum(tl.where((c < N_SUM) & ((vals - vals) != 0.0), 1, 0), axis=0) == 0
+            recorded = tl.load(found_inf_ptr) == 0
+            valid = finite & recorded
+            base = table + row * WIDTH
+            last_old = tl.load(base + LAST + c, mask=c < N_LAST, other=0.0)
+            tl.store(base + LAST + c, tl.where(recorded, vals, last_old), mask=c < N_LAST)
+            sum_old = tl.load(base + SUM + c, mask=c < N_SUM, other=0.0)
+            tl.store(base + SUM + c, sum_old + tl.where(valid, vals, 0.0), mask=c < N_SUM)
+            steps_old = tl.load(base + STEPS)
+            opens = valid & (steps_old == 0.0) & (tl.load(base + START_KNOWN) == 0.0)
+            tl.store(base + START_W_SQ, tl.where(opens, ww, tl.load(base + START_W_SQ)))
+            tl.store(base + STEPS, steps_old + tl.where(valid, 1.0, 0.0))
+            tl.store(base + NONFINITE, tl.load(base + NONFINITE) + tl.where(recorded & ~finite, 1.0, 0.0))
+            tl.store(base + LAST_FINITE, tl.where(recorded, tl.where(finite, 1.0, 0.0), tl.load(base + LAST_FINITE)))
+            # A measured step: nothing unmeasured since the last one (the UNMEASURED count itself is unchanged).
+            since = tl.load(base + UNMEASURED_SINCE_LAST)
+            tl.store(base + UNMEASURED_SINCE_LAST, tl.where(recorded, 0.0, since))
 
 
-#: Compiler options of both launches. Contraction into FMA is what the kernels were validated with on GPU (Triton's
-#: default up to 3.9, which changes it in 3.10): pinned, so that a Triton upgrade cannot move the numerics.
+#: Compiler options of the update. Contraction into FMA is what it was validated with on GPU (Triton's default up
+#: to 3.9, which changes it in 3.10): pinned, so that a Triton upgrade cannot move the numerics.
 _COMPILE_OPTIONS = {"enable_fp_fusion": True}
+#: The partial sums and the table update: no contraction, so the forces round as torch's separate ops do.
+_SUM_OPTIONS = {"enable_fp_fusion": False}
+
+
+def _halves(x: float) -> tuple[int, int]:
+    """The bits of float64 ``x`` as two signed int32 (high, low), for ``_f64`` in a kernel."""
+    lo, hi = struct.unpack("<ii", struct.pack("<d", x))
+    return hi, lo
+
+
+@dataclass(frozen=True)
+class RecordInto:
+    """Where the second launch folds a measured step (see ``_sum_partials``): a force table on the bucket's device,
+    each tensor's row of it (−1: not measured) and the step's float η and λ."""
+
+    table: Tensor
+    rows: Tensor
+    lr: float
+    weight_decay: float
+
 
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -270,6 +363,7 @@ def fused_adamw_reduce(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     plan: LaunchPlan | None = None,
+    record: RecordInto | None = None,
 ) -> tuple[Tensor, LaunchPlan]:
     """AdamW step of one (device, dtype) bucket in place; returns ``[T, 3]`` float64 (⟨W,û⟩, ‖û‖², ‖W‖²).
 
@@ -313,5 +407,12 @@ def fused_adamw_reduce(
         **_COMPILE_OPTIONS,
     )  # fmt: skip
     out = torch.empty(len(params), 3, dtype=torch.float64, device=device)
-    _sum_partials[(len(params),)](partials, plan.first_block, plan.n_blocks, out, CHUNK=64, **_COMPILE_OPTIONS)
+    if record is None:
+        table, rows, lr_bits, wd_bits = out, plan.numels, (0, 0), (0, 0)
+    else:
+        table, rows, lr_bits, wd_bits = record.table, record.rows, _halves(record.lr), _halves(record.weight_decay)
+    _sum_partials[(len(params),)](
+        partials, plan.first_block, plan.n_blocks, out, table, rows, plan.zero if found_inf is None else found_inf,
+        *lr_bits, *wd_bits, CHUNK=64, RECORD=record is not None, **TABLE_LAYOUT, **_SUM_OPTIONS,
+    )  # fmt: skip
     return out, plan

@@ -42,6 +42,7 @@ import pytest
 import torch
 
 import instrumented_adamw
+from instrumented_adamw.forces import TABLE_LAYOUT
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install triton)", allow_module_level=True)
@@ -87,8 +88,9 @@ def _tensor(numel: int, dtype: torch.dtype, misaligned: bool, value: float = 0.0
     return base[1:] if misaligned else base[:numel].clone()
 
 
-def record_launches(module, dtype: torch.dtype, amsgrad: bool, scaled: bool) -> dict[str, list]:
-    """Every launch ``fused_adamw_reduce`` makes for these settings, over the options that should make no variant."""
+def record_launches(module, dtype: torch.dtype, amsgrad: bool, scaled: bool, into: bool = False) -> dict[str, list]:
+    """Every launch ``fused_adamw_reduce`` makes for these settings, over the options that should make no variant
+    (with ``into``, the second launch records into a force table: η and λ of every sign and size)."""
     recorders = {"update": _Recorder(), "sum": _Recorder()}
     kernels = module._adamw_block, module._sum_partials
     module._adamw_block, module._sum_partials = recorders["update"], recorders["sum"]
@@ -100,10 +102,15 @@ def record_launches(module, dtype: torch.dtype, amsgrad: bool, scaled: bool) -> 
             lr = torch.tensor([1e-3], dtype=torch.float64) if misaligned else 1e-3
             scale = _tensor(1, torch.float32, misaligned, 1024.0) if scaled else None
             found_inf = _tensor(1, torch.float32, misaligned) if found else None
+            record = None
+            if into:
+                table = torch.zeros(4, TABLE_LAYOUT["WIDTH"], dtype=torch.float64)
+                eta, lam = (0.0, 1.0) if misaligned else (3e-4, 0.1 * (1 + maximize))
+                record = module.RecordInto(table, torch.tensor([2, -1, 0]), eta, lam)
             module.fused_adamw_reduce(
                 ps, gs, ms, vs, vmaxs if amsgrad else [], torch.ones(len(sizes)), lr=lr, weight_decay=0.1,
                 beta1=0.9, beta2=0.999, eps=1e-8, amsgrad=amsgrad, maximize=maximize, grad_scale=scale,
-                found_inf=found_inf,
+                found_inf=found_inf, record=record,
             )  # fmt: skip
     finally:
         module._adamw_block, module._sum_partials = kernels
@@ -128,6 +135,7 @@ def compile_all(capability: int, out: Path) -> None:
         for dtype, amsgrad, scaled in itertools.product(DTYPES, (False, True), (False, True))
     ]
     jobs.append(("sum", "sum", [(dtype, False, False) for dtype in DTYPES.values()]))
+    jobs.append(("sum-record", "sum", [(dtype, False, False, True) for dtype in DTYPES.values()]))
     kernels = {"update": triton_adamw._adamw_block, "sum": triton_adamw._sum_partials}
     index = {}
     for name, kernel, settings in jobs:
@@ -244,11 +252,17 @@ def test_update_kernel_moves_16_byte_vectors_and_never_spills(compiled, target, 
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_partial_sums_kernel_compiles_without_local_memory(compiled, target, request):
-    ptx, sass_text, info = variant(compiled, target, "sum")
+@pytest.mark.parametrize("name", ["sum", "sum-record"])
+def test_partial_sums_kernel_compiles_without_local_memory(compiled, target, name, request):
+    """The second launch, with and without the table update: one variant each whatever η, λ, rows or alignment
+    (η and λ travel as bits, never as a specialised value); the table update compiled without FMA contraction."""
+    ptx, sass_text, info = variant(compiled, target, name)
     assert info["variants"] == 1, f"{info['launches']} launches built {info['variants']} variants"
     sass, usage = sass_report(sass_text)
     assert_no_local_memory(ptx, sass, usage)
+    assert "fma.rn.f64" not in ptx, "the table update must round as torch's separate multiply and add"
+    if name == "sum-record":
+        assert "mul.rn.f64" in ptx and "st.global.b64" in ptx  # the forces and the row really are in the kernel
     request.node.user_properties.append(("registers", usage["REG"]))
 
 

@@ -247,9 +247,11 @@ def test_optimizer_fused_path_uses_the_kernel(monkeypatch):
     assert ours._kernel_launches > 0
 
 
-def test_optimizer_fused_path_mixed_dtypes_and_filtered_rows(monkeypatch):
+@pytest.mark.parametrize("lr", [1e-2, "tensor"])
+def test_optimizer_fused_path_mixed_dtypes_and_filtered_rows(monkeypatch, lr):
     """A group holding fp32 and bf16 tensors is two launches (one per dtype bucket), and a ``track_filter`` leaves
-    rows out of a bucket: each measured tensor still gets its own reductions, the others none."""
+    rows out of a bucket: each measured tensor still gets its own reductions, the others none. With a float lr
+    the kernel records them into the table itself; a tensor lr brings them back, one stacked record."""
     monkeypatch.setattr(InstrumentedAdamW, "_triton_device", staticmethod(lambda device: True))
     torch.manual_seed(0)
     params = {
@@ -258,7 +260,8 @@ def test_optimizer_fused_path_mixed_dtypes_and_filtered_rows(monkeypatch):
         "c.weight": torch.nn.Parameter(torch.randn(1500)),
         "d.bias": torch.nn.Parameter(torch.randn(7).bfloat16()),
     }
-    ours = InstrumentedAdamW(list(params.items()), lr=1e-2, fused=True, track_filter=lambda n: n != "c.weight")
+    lr = torch.tensor(1e-2) if lr == "tensor" else lr
+    ours = InstrumentedAdamW(list(params.items()), lr=lr, fused=True, track_filter=lambda n: n != "c.weight")
     c0 = params["c.weight"].detach().clone()
     recorded = []
     real_record = ours._record
@@ -268,8 +271,11 @@ def test_optimizer_fused_path_mixed_dtypes_and_filtered_rows(monkeypatch):
         pre = {n: p.detach().clone() for n, p in params.items()}
         ours.step()
     assert ours._kernel_launches == 6 and len(ours._plans) == 2
-    # Both buckets on one device come back as one stacked record, rows in bucket order: fp32 (a), then bf16 (b, d).
-    assert all(isinstance(r, StackedReductions) for r in recorded) and recorded[-1].positions == [0, 1, 3]
+    if isinstance(lr, float):
+        assert recorded == []
+    else:  # both buckets in one stacked record, rows in bucket order: fp32 (a), then bf16 (b, d)
+        assert len(recorded) == 3 and all(isinstance(r, StackedReductions) for r in recorded)
+        assert recorded[-1].positions == [0, 1, 3]
     last = ours.last_forces().to_dict()
     assert sorted(last) == ["a.weight", "b.weight", "d.bias"]
     assert ours.state[params["c.weight"]]["step"].item() == 3 and not torch.equal(params["c.weight"], c0)
@@ -278,3 +284,46 @@ def test_optimizer_fused_path_mixed_dtypes_and_filtered_rows(monkeypatch):
         _, uu, ww = reference_reductions(pre[n], ours.state[p], 0.9, 0.999, 1e-8, False)
         rel = 1e-5 if p.dtype == torch.float32 else 6e-3  # bf16: û from the fp32 moments before they are stored
         assert last[n]["u_sq"] == pytest.approx(uu, rel=rel) and last[n]["w_sq"] == pytest.approx(ww, rel=1e-5)
+
+
+def test_kernel_recorded_table_is_bitwise_the_host_record(monkeypatch):
+    """The second launch's table update against ``ForceStats.record`` (the definition): two identical runs, one
+    recording in the kernel, one through the host path, must leave bitwise equal tables and parameters, over what
+    the table tracks: an lr schedule, a tensor left out by ``track_filter``, reads that reset the interval, steps
+    skipped by GradScaler's found_inf, a non-finite gradient, and ``track_every`` leaving steps unmeasured."""
+    monkeypatch.setattr(InstrumentedAdamW, "_triton_device", staticmethod(lambda device: True))
+    import instrumented_adamw.optim as optim_module
+
+    def run(in_kernel: bool):
+        monkeypatch.setattr(
+            optim_module, "_is_float", (lambda x: isinstance(x, float)) if in_kernel else (lambda x: False)
+        )
+        params = make_params()
+        groups = param_groups(params, 0.05)
+        opt = InstrumentedAdamW(groups, lr=3e-3, fused=True, track_every=3, track_filter=lambda n: "bias" not in n)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s))
+        tables, reads = [], []
+        for step in range(14):
+            set_grads(params, step)
+            if step == 8:  # a non-finite gradient: NaN reductions, kept out of the sums
+                next(iter(params.values())).grad[0, 0] = float("nan")
+            opt.found_inf = torch.tensor(1.0 if step in (4, 5) else 0.0)  # GradScaler's skip (0-d, as it passes it)
+            opt.grad_scale = torch.tensor(1.0)
+            opt.step()
+            sched.step()
+            if step in (6, 11):
+                reads.append(opt.read_forces(reset=True))
+            tables.append(opt._stats[torch.device("cpu")].table.clone())
+        return tables, reads, [p.detach().clone() for p in params.values()], opt
+
+    kernel_tables, kernel_reads, kernel_params, opt = run(True)
+    assert opt._kernel_launches > 0
+    host_tables, host_reads, host_params, _ = run(False)
+    for step, (a, b) in enumerate(zip(kernel_tables, host_tables, strict=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m, s=step: f"step {s}: {m}")
+    for a, b in zip(kernel_params, host_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    # The run exercised what it claims: skipped, non-finite and unmeasured steps, and some rows left untracked.
+    last = kernel_reads[-1]
+    assert last.nonfinite_steps.max() >= 1 and last.unmeasured_steps.max() >= 1
+    assert len(last.names) < len(kernel_params)
