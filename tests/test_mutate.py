@@ -105,6 +105,23 @@ def test_tests_run_are_those_executing_the_statement_else_the_whole_files(module
     assert limit.uses is None and mutate.select_tests(limit, by_line, files) is files  # read elsewhere: everything
 
 
+def test_a_line_run_by_a_fixture_maps_to_the_whole_file_of_the_test_that_set_it_up(module):
+    """A shared fixture runs in the setup of the first test that asks for it; the tests after it read its result."""
+    assert mutate._context_tests("tests/test_a.py::test_x|run") == "tests/test_a.py::test_x"
+    assert mutate._context_tests("tests/test_a.py::test_x|teardown") == "tests/test_a.py::test_x"
+    assert mutate._context_tests("tests/test_a.py::test_x|setup") == "tests/test_a.py"
+    assert mutate._context_tests("") == ""
+    operator = next(m for m, _ in mutate.enumerate_mutants(module) if m.kind == "operator" and m.line < 12)
+    lo, hi = operator.lines
+    by_line = dict.fromkeys(
+        range(lo, hi + 1), {"tests/test_a.py", "tests/test_a.py::test_x", "tests/test_b.py::test_z[1]"}
+    )
+    assert mutate.select_tests(operator, by_line, ["tests/test_b.py", "tests/test_a.py"]) == [
+        "tests/test_b.py::test_z[1]",
+        "tests/test_a.py",
+    ]  # the file once, not its tests again
+
+
 def test_summary_counts_timeouts_as_kills_but_shows_them(module):
     ms = [mutate.Mutant(module, i, 1, "k", "a", "b", status=s) for i, s in enumerate(["killed", "timeout", "survived"])]
     ms.append(mutate.Mutant(module, 3, 1, "k", "a", "b", status="equivalent", killer="same values"))

@@ -375,9 +375,19 @@ def covering_tests(module: str, tests: list[str], workdir: Path, env: dict[str, 
         if str(Path(filename).resolve()) != target:
             continue
         for line, contexts in measured.contexts_by_lineno(filename).items():
-            ids = {c.rsplit("|", 1)[0] if "|" in c else c for c in contexts}
-            by_line.setdefault(line, set()).update(ids)
+            by_line.setdefault(line, set()).update(map(_context_tests, contexts))
     return by_line
+
+
+def _context_tests(context: str) -> str:
+    """The tests a coverage context stands for: a test's own id for its run (and teardown), its whole file for its
+    setup. A module- or class-scoped fixture runs in the setup of the first test that asks for it, and the tests
+    after it read what it computed: mapping it to that first test alone let a mutant in a run that a fixture
+    makes once survive the very test that checks its result."""
+    test, _, phase = context.rpartition("|")
+    if not test:
+        return context  # "" (outside any test), or a context without a phase
+    return test.split("::")[0] if phase == "setup" else test
 
 
 def _coverage_cached(
@@ -385,7 +395,7 @@ def _coverage_cached(
 ) -> tuple[dict[int, set[str]], float]:
     """:func:`covering_tests` and its wall time, kept in ``out`` while the project's sources and tests are unchanged
     (a resumed run does not pay the coverage run again)."""
-    digest = hashlib.sha256(module.encode())
+    digest = hashlib.sha256(module.encode() + Path(__file__).read_bytes())  # and how the map is made
     for path in sorted(p for part in ("instrumented_adamw", "train", "tests") for p in (workdir / part).rglob("*.py")):
         digest.update(path.relative_to(workdir).as_posix().encode() + path.read_bytes())
     cache = out / f"coverage-{module.replace('/', '.')}.json"
@@ -413,6 +423,7 @@ def select_tests(mutant: Mutant, by_line: dict[int, set[str]], tests: list[str])
         ids = set().union(*(by_line.get(line, set()) for line in mutant.uses)) - {""}
     if not ids or "" in ids:
         return tests
+    ids = {i for i in ids if i.split("::")[0] not in ids or "::" not in i}  # a whole file covers its tests
     order = {path: k for k, path in enumerate(tests)}
     return sorted(ids, key=lambda i: (order.get(i.split("::")[0], len(order)), i))
 
