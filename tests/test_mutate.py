@@ -154,3 +154,27 @@ def test_retest_reruns_survivors_of_the_modules_named_and_keeps_the_others(modul
     kept = mutate.carried_verdicts(ms, [module], retest=True)
     assert sorted(m.index for m in kept.values()) == [0, 2, 3]
     assert sorted(m.index for m in mutate.carried_verdicts(ms, [module], retest=False).values()) == [0, 1, 2, 3]
+
+
+def test_verdicts_follow_their_lines_when_an_edit_elsewhere_moves_them(module):
+    """A resumed run keeps the verdicts of lines an edit did not touch, at their new line numbers; a changed line's
+    mutants are new. Verdicts saved without the line's text (older reports) take it from the module as it is."""
+    before = [m for m, _ in mutate.enumerate_mutants(module)]
+    for m in before:
+        m.status = "killed"
+    path = mutate.ROOT / module
+    source = path.read_text().splitlines()
+    changed = next(i for i, line in enumerate(source) if "x > LIMIT" in line)
+    source[changed] = source[changed].replace("x > LIMIT", "x >= LIMIT")
+    path.write_text("import math  # a new first line moves every other one\n" + "\n".join(source) + "\n")
+    mutate._sources.cache_clear()
+    after = [m for m, _ in mutate.enumerate_mutants(module)]
+    earlier = mutate.carried_verdicts(before, [module], retest=False)
+    pairs = [(earlier[mutate._key(m)], m) for m in after if mutate._key(m) in earlier]
+    assert pairs and all(old.line + 1 == m.line for old, m in pairs)  # the same lines, one further down
+    assert all(mutate._moved(old, m).line == m.line for old, m in pairs)  # reported where they are now
+    new = [m for m in after if mutate._key(m) not in earlier]
+    assert {m.line for m in new} == {changed + 2}  # the edited line, one further down
+    old_style = mutate.Mutant(module, 0, 3, "k", "a", "b", status="killed")  # no text: read from the module now
+    (carried,) = mutate.carried_verdicts([old_style], [module], retest=False).values()
+    assert carried.text == path.read_text().splitlines()[2].strip()

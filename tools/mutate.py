@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,6 +174,8 @@ class Mutant:
     lines: tuple[int, int] = (0, 0)  # the changed statement's lines, for selecting tests
     nth: int = 0  # among mutants with the same line, kind and change (two + on one line)
     uses: tuple[int, ...] | None = None  # an import-time statement's effect: the lines that read what it defines
+    text: str = ""  # the mutated line, stripped: with ``occurrence``, the mutant's place across edits that move lines
+    occurrence: int = 0  # among the module's lines with the same stripped text, in file order
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
@@ -206,6 +208,17 @@ def _skippable(node: ast.AST, parents: dict[int, ast.AST], source_lines: list[st
             return True  # zip(..., strict=True): a guard against a bug elsewhere; equal lengths never notice it
         cur = parent
     return False
+
+
+def _occurrences(lines: list[str]) -> dict[int, tuple[str, int]]:
+    """Line number -> (stripped text, how many earlier lines have that text)."""
+    count: dict[str, int] = {}
+    out = {}
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        out[number] = (text, count.get(text, 0))
+        count[text] = count.get(text, 0) + 1
+    return out
 
 
 def enumerate_mutants(module: str) -> list[tuple[Mutant, ast.Module]]:
@@ -242,6 +255,7 @@ def enumerate_mutants(module: str) -> list[tuple[Mutant, ast.Module]]:
                 sites.append(("remove_call", pos, ast.unparse(node)[:60], "pass"))
     out = []
     seen: dict[tuple, int] = {}
+    occurrences = _occurrences(lines)
     for index, (kind, pos, before, after) in enumerate(sites):
         mutated = copy.deepcopy(tree)
         target = list(ast.walk(mutated))[pos]
@@ -250,8 +264,10 @@ def enumerate_mutants(module: str) -> list[tuple[Mutant, ast.Module]]:
         span = _statement_lines(nodes[pos], parents)
         nth = seen[line, kind, before, after] = seen.get((line, kind, before, after), -1) + 1
         uses = _import_time_uses(nodes[pos], parents, tree, module)
-        mutant = Mutant(module, index, line, kind, before, after, lines=span, nth=nth, uses=uses)
-        key = (module, lines[line - 1].strip() if 0 < line <= len(lines) else "", kind, before, after)
+        text, occurrence = occurrences.get(line, ("", 0))
+        mutant = Mutant(module, index, line, kind, before, after, lines=span, nth=nth, uses=uses, text=text,
+                        occurrence=occurrence)  # fmt: skip
+        key = (module, text, kind, before, after)
         reason = EQUIVALENT.get(key + (nth,)) or EQUIVALENT.get(key)  # with nth: one of equal changes on a line
         if reason:
             mutant.status, mutant.killer = "equivalent", reason
@@ -620,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
             mutants = enumerate_mutants(module)
             if args.limit:
                 mutants = mutants[: args.limit]
-            kept = [earlier[_key(m)] for m, _ in mutants if _key(m) in earlier and m.status != "equivalent"]
+            kept = [_moved(earlier[_key(m)], m) for m, _ in mutants if _key(m) in earlier and m.status != "equivalent"]
             results.extend(kept)
             results.extend(m for m, _ in mutants if m.status == "equivalent")  # listed, never run
             mutants = [(m, tree) for m, tree in mutants if _key(m) not in earlier and m.status != "equivalent"]
@@ -679,15 +695,29 @@ def survivors(results: list[Mutant]) -> str:
 
 def carried_verdicts(verdicts: list[Mutant], modules: list[str], retest: bool) -> dict[tuple, Mutant]:
     """The saved verdicts a ``--resume`` keeps, by mutant: all of them, or with ``--retest`` all but the survivors
-    of the modules being run (every verdict of the other modules stays as it was)."""
+    of the modules being run (every verdict of the other modules stays as it was). Verdicts saved before mutants
+    carried their line's text take it from the module as it is now (the line-number identity they had)."""
     kept = ("killed", "timeout") if retest else ("killed", "timeout", "survived")
+    texts = {}
+    for m in verdicts:
+        if not m.text:
+            if m.module not in texts:
+                path = ROOT / m.module
+                texts[m.module] = _occurrences(path.read_text().splitlines()) if path.exists() else {}
+            m.text, m.occurrence = texts[m.module].get(m.line, (f"<line {m.line}>", 0))
     return {_key(m): m for m in verdicts if m.status in kept or m.module not in modules}
 
 
 def _key(m: Mutant) -> tuple:
-    """A mutant's identity across runs: the same change at the same place. Not its index, which a change to the
-    harness's rules renumbers; an edit that moves lines makes those mutants new."""
-    return (m.module, m.line, m.kind, m.before, m.after, m.nth)
+    """A mutant's identity across runs: the same change on the same line of code, by its text and which of the
+    module's equal lines it is, so an edit elsewhere that moves lines keeps the verdicts of the lines it did not
+    touch. Not its index, which a change to the harness's rules renumbers."""
+    return (m.module, m.text, m.occurrence, m.kind, m.before, m.after, m.nth)
+
+
+def _moved(verdict: Mutant, now: Mutant) -> Mutant:
+    """A kept verdict, at the place its mutant has now."""
+    return replace(verdict, index=now.index, line=now.line, lines=now.lines, uses=now.uses)
 
 
 def summary(results: list[Mutant]) -> str:
