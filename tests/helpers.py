@@ -83,3 +83,48 @@ def reference_reductions(w_pre: torch.Tensor, state: dict, beta1: float, beta2: 
     step = float(state["step"])
     u = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + eps)
     return (w * u).sum().item(), (u * u).sum().item(), (w * w).sum().item()
+
+
+def assert_kernel_record_is_host_record(monkeypatch, device: str) -> None:
+    """The Triton path's in-kernel table update against ``ForceStats.record`` (the definition): two identical runs,
+    one recording in the kernel, one through the host path (``optim._is_float`` answering no), must leave bitwise
+    equal tables after every step, and equal parameters, over what the table tracks: an lr schedule, a tensor left
+    out by ``track_filter``, reads that reset the interval, steps skipped by GradScaler's found_inf, a non-finite
+    gradient, and ``track_every`` leaving steps unmeasured."""
+    import instrumented_adamw.optim as optim_module
+
+    def run(in_kernel: bool):
+        monkeypatch.setattr(
+            optim_module, "_is_float", (lambda x: isinstance(x, float)) if in_kernel else (lambda x: False)
+        )
+        params = make_params(device=device)
+        opt = InstrumentedAdamW(param_groups(params, 0.05), lr=3e-3, fused=True, track_every=3,
+                                track_filter=lambda n: "bias" not in n)  # fmt: skip
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s))
+        tables, reads = [], []
+        for step in range(14):
+            set_grads(params, step)
+            if step == 8:  # a non-finite gradient: NaN reductions, kept out of the sums
+                next(iter(params.values())).grad[0, 0] = float("nan")
+            # GradScaler's skip and scale (0-d, as it passes them)
+            opt.found_inf = torch.tensor(1.0 if step in (4, 5) else 0.0, device=device)
+            opt.grad_scale = torch.tensor(1.0, device=device)
+            opt.step()
+            sched.step()
+            if step in (6, 11):
+                reads.append(opt.read_forces(reset=True))
+            (stats,) = opt._stats.values()
+            tables.append(stats.table.cpu())
+        return tables, reads, [p.detach().cpu() for p in params.values()], opt
+
+    kernel_tables, kernel_reads, kernel_params, opt = run(True)
+    assert opt._kernel_launches > 0
+    host_tables, _, host_params, _ = run(False)
+    for step, (a, b) in enumerate(zip(kernel_tables, host_tables, strict=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m, s=step: f"step {s}: {m}")
+    for a, b in zip(kernel_params, host_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    # The run exercised what it claims: skipped, non-finite and unmeasured steps, and some rows left untracked.
+    last = kernel_reads[-1]
+    assert last.nonfinite_steps.max() >= 1 and last.unmeasured_steps.max() >= 1
+    assert len(last.names) < len(kernel_params)

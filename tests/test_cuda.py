@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import fused_drift_atol, reference_reductions, set_grads, twin_optimizers
+from helpers import (
+    assert_kernel_record_is_host_record,
+    fused_drift_atol,
+    reference_reductions,
+    set_grads,
+    twin_optimizers,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -67,6 +73,12 @@ def test_cuda_parity_and_reductions(flags, dtype):
         # the applied one, so their sum within 6e-3 (measured 1.7e-4 on an H200).
         u_rel = 6e-3 if flags.get("fused") and dtype == torch.bfloat16 else 1e-5
         assert last["u_sq"] == pytest.approx(uu, rel=u_rel) and last["w_sq"] == pytest.approx(ww, rel=1e-5)
+
+
+def test_cuda_kernel_recorded_table_is_bitwise_the_host_record(monkeypatch):
+    """The compiled second launch (no FMA contraction) updates the force table bit for bit as the host's float64
+    ops would: a contracted multiply-add, or a finite check the compiler folded, fails here."""
+    assert_kernel_record_is_host_record(monkeypatch, "cuda")
 
 
 def test_cuda_triton_kernel_is_deterministic_and_graph_capturable():

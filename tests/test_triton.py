@@ -25,7 +25,13 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # conftest.py sets it where there
     )
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from helpers import make_params, param_groups, reference_reductions, set_grads  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_kernel_record_is_host_record,
+    make_params,
+    param_groups,
+    reference_reductions,
+    set_grads,
+)
 
 from instrumented_adamw import InstrumentedAdamW  # noqa: E402
 from instrumented_adamw.functional import StackedReductions  # noqa: E402
@@ -287,43 +293,7 @@ def test_optimizer_fused_path_mixed_dtypes_and_filtered_rows(monkeypatch, lr):
 
 
 def test_kernel_recorded_table_is_bitwise_the_host_record(monkeypatch):
-    """The second launch's table update against ``ForceStats.record`` (the definition): two identical runs, one
-    recording in the kernel, one through the host path, must leave bitwise equal tables and parameters, over what
-    the table tracks: an lr schedule, a tensor left out by ``track_filter``, reads that reset the interval, steps
-    skipped by GradScaler's found_inf, a non-finite gradient, and ``track_every`` leaving steps unmeasured."""
+    """The second launch's table update against ``ForceStats.record`` (helpers.assert_kernel_record_is_host_record:
+    skips, NaN, track_every, filters, resets, an lr schedule); compiled, on CUDA, in tests/test_cuda.py."""
     monkeypatch.setattr(InstrumentedAdamW, "_triton_device", staticmethod(lambda device: True))
-    import instrumented_adamw.optim as optim_module
-
-    def run(in_kernel: bool):
-        monkeypatch.setattr(
-            optim_module, "_is_float", (lambda x: isinstance(x, float)) if in_kernel else (lambda x: False)
-        )
-        params = make_params()
-        groups = param_groups(params, 0.05)
-        opt = InstrumentedAdamW(groups, lr=3e-3, fused=True, track_every=3, track_filter=lambda n: "bias" not in n)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s))
-        tables, reads = [], []
-        for step in range(14):
-            set_grads(params, step)
-            if step == 8:  # a non-finite gradient: NaN reductions, kept out of the sums
-                next(iter(params.values())).grad[0, 0] = float("nan")
-            opt.found_inf = torch.tensor(1.0 if step in (4, 5) else 0.0)  # GradScaler's skip (0-d, as it passes it)
-            opt.grad_scale = torch.tensor(1.0)
-            opt.step()
-            sched.step()
-            if step in (6, 11):
-                reads.append(opt.read_forces(reset=True))
-            tables.append(opt._stats[torch.device("cpu")].table.clone())
-        return tables, reads, [p.detach().clone() for p in params.values()], opt
-
-    kernel_tables, kernel_reads, kernel_params, opt = run(True)
-    assert opt._kernel_launches > 0
-    host_tables, host_reads, host_params, _ = run(False)
-    for step, (a, b) in enumerate(zip(kernel_tables, host_tables, strict=True)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m, s=step: f"step {s}: {m}")
-    for a, b in zip(kernel_params, host_params, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-    # The run exercised what it claims: skipped, non-finite and unmeasured steps, and some rows left untracked.
-    last = kernel_reads[-1]
-    assert last.nonfinite_steps.max() >= 1 and last.unmeasured_steps.max() >= 1
-    assert len(last.names) < len(kernel_params)
+    assert_kernel_record_is_host_record(monkeypatch, "cpu")
