@@ -2,8 +2,8 @@
 
 ``ForceStats`` holds, per device, one float64 table with a row per tracked tensor: the last step's values, the
 interval sums since the last reset, and bookkeeping counters. Every update is a handful of small device ops with
-Python scalars as kernel arguments, so ``step()`` never waits on the device. A read copies the whole table to the
-host in one transfer.
+Python scalars as kernel arguments (on the Triton path, the same arithmetic inside its second kernel), so ``step()``
+never waits on the device. A read copies the whole table to the host in one transfer.
 """
 
 from __future__ import annotations
