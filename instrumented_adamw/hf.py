@@ -115,6 +115,7 @@ class ForceMonitorCallback(TrainerCallback):
                 self._pending = reading  # the Trainer logs this step: write with its loss and lr in on_log
             else:
                 self.monitor.write(reading)  # no sinks on other ranks: writes nothing there
+                self._sync_before_save(control)
             state.stateful_callbacks[STATE_KEY] = self.monitor.state_dict()
         if self.monitor.weibull_every and step % self.monitor.weibull_every == 0:
             self.monitor.fit(step)  # gathers FSDP shards: every rank
@@ -125,6 +126,7 @@ class ForceMonitorCallback(TrainerCallback):
             return
         if logs is None or reading.step != state.global_step:
             self.monitor.write(reading)
+            self._sync_before_save(control)
             return
         scalars = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if "learning_rate" in scalars:
@@ -134,6 +136,13 @@ class ForceMonitorCallback(TrainerCallback):
         logs.update(forces)  # integrations called after this callback log them with the row
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(forces)
+        self._sync_before_save(control)
+
+    def _sync_before_save(self, control) -> None:
+        """The Trainer saves a checkpoint after this step's callbacks: the logs up to it go to disk first, so a
+        run resumed from that checkpoint after a power loss finds every record up to its step."""
+        if control.should_save:
+            self.monitor.sync()
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.monitor is not None:

@@ -373,5 +373,9 @@ class ForceMonitor:
         self.sinks.log("weibull", record, step)
         return record
 
+    def sync(self) -> None:
+        """Put the records written so far on disk (JSONL sinks): call before a checkpoint that a run resumes from."""
+        self.sinks.sync()
+
     def close(self) -> None:
         self.sinks.close()

@@ -262,6 +262,25 @@ def test_hf_force_metrics_join_log_history_and_metrics_jsonl_has_loss_and_lr(tmp
         assert m["Transmission/align_share"] == r["Transmission/align_share"]
 
 
+def test_hf_logs_are_synced_to_disk_before_each_checkpoint(tmp_path, monkeypatch):
+    """Records are flushed per log and fsync'd before each Trainer save (after the step's record is written), so a
+    checkpoint never points past what is on disk; the run's end syncs once more."""
+    from instrumented_adamw.sinks import JsonlSink
+
+    seen = []
+    real_sync = JsonlSink.sync
+
+    def sync(self):
+        steps = [r["step"] for r in read_jsonl(self.path("metrics"))] if self.path("metrics").exists() else []
+        seen.append((steps[-1] if steps else None, sorted(p.name for p in tmp_path.glob("checkpoint-*"))))
+        real_sync(self)
+
+    monkeypatch.setattr(JsonlSink, "sync", sync)
+    _trainer(tmp_path).train()
+    assert seen[:2] == [(10, []), (20, ["checkpoint-10"])]  # each save's step logged, synced, then saved
+    assert seen[-1] == (20, ["checkpoint-10", "checkpoint-20"])  # close
+
+
 def test_hf_report_to_integrations_receive_the_force_metrics(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
