@@ -93,41 +93,68 @@ def aggregate(readout: ForceReadout, rows: np.ndarray, numel: np.ndarray) -> dic
     """Interval totals of a set of tensors (``rows`` of the read-out) and the derived shares, RMS and residual,
     and the steady-state diagnostics: cos(W, û), the equilibrium RMS the current step statistics imply (with the
     measured cos, and with cos = 0), and the interval's decay budget Σ η_t λ_t (mean over the tensors)."""
-    interval = readout.interval[rows].sum(axis=0)
-    out = {q: float(interval[_COL[q]]) for q in QUANTITIES}
-    out["eta_lambda"] = float(readout.interval[rows, _COL["eta_lambda"]].mean()) if len(rows) else 0.0
-    a, i, d = shares(out["align"], out["inject"], out["decay"])
-    budget = abs(out["align"]) + out["inject"] + abs(out["decay"])
-    w_sq_now = float(readout.w_sq_now[rows].sum())
-    last = readout.last[rows]
-    wu, uu, ww = last[:, 0].sum(), last[:, 1].sum(), last[:, 2].sum()
-    n_el = numel[rows].sum()
-    steps = np.maximum(readout.steps[rows], 1)
-    u_norm = math.sqrt(float((readout.interval[rows, _COL["u_sq"]] / steps).sum()))  # interval-mean ‖û‖
-    cos_interval = out["w_dot_u"] / math.sqrt(out["w_sq"] * out["u_sq"]) if out["w_sq"] * out["u_sq"] > 0 else math.nan
-    lr, wd, ulr = (float(last[:, c].mean()) for c in (_LR, _WD, _ULR)) if len(rows) else (math.nan,) * 3
-    # Steps that moved W unmeasured (track_every > 1) leave the books open: no residual rather than a wrong one.
-    closes = not (readout.unmeasured_steps[rows] > 0).any()
-    residual = float(np.nansum(readout.residual[rows])) if closes else math.nan
-    out.update(
-        cos_w_u_interval=cos_interval,
-        rms_eq=equilibrium_norm(u_norm, cos_interval, lr, wd, ulr) / math.sqrt(n_el) if n_el else math.nan,
-        rms_eq_indep=equilibrium_norm(u_norm, 0.0, lr, wd, ulr) / math.sqrt(n_el) if n_el else math.nan,
-    )
-    out.update(
-        align_share=a,
-        inject_share=i,
-        decay_share=d,
-        net=out["align"] + out["inject"] + out["decay"] + out["higher_order"],
-        w_sq_now=w_sq_now,
-        rms=math.sqrt(w_sq_now / n_el) if n_el else math.nan,
-        cos_w_u=float(wu / math.sqrt(uu * ww)) if uu > 0 and ww > 0 else math.nan,
-        residual=residual,
-        rel_residual=float(np.nansum(np.abs(readout.residual[rows])) / budget) if budget > 0 and closes else math.nan,
-        steps=int(readout.steps[rows].max()) if len(rows) else 0,
-        nonfinite_steps=int(readout.nonfinite_steps[rows].max()) if len(rows) else 0,
-        unmeasured_steps=int(readout.unmeasured_steps[rows].max()) if len(rows) else 0,
-    )
+    return aggregate_groups(readout, [rows], numel)[0]
+
+
+#: Per-tensor columns that aggregate_groups sums (after the interval quantities): ‖W‖² now, the last step's
+#: ⟨W,û⟩, ‖û‖², ‖W‖², the element count, ‖û‖² per step, the residual (NaN as 0), |residual|, the last lr, λ, η_u.
+_W_NOW, _LAST_WU, _LAST_UU, _LAST_WW, _NUMEL, _U_PER_STEP, _RES, _ABS_RES, _LAST_LR, _LAST_WD, _LAST_ULR = range(
+    len(QUANTITIES), len(QUANTITIES) + 11
+)
+
+
+def aggregate_groups(readout: ForceReadout, groups: list[np.ndarray], numel: np.ndarray) -> list[dict[str, float]]:
+    """:func:`aggregate` of several sets of tensors at once (a log's classes and layers, or every tensor): one
+    gather and one ``reduceat`` per statistic for all of them, rather than some thirty numpy calls per set, which
+    made the aggregation most of a log's host time."""
+    sizes = np.array([len(rows) for rows in groups], dtype=np.int64)
+    full = sizes > 0
+    idx = np.concatenate([np.asarray(rows, dtype=np.int64) for rows in groups]) if len(groups) else np.zeros(0, int)
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))[full]
+    residual = readout.residual[idx]
+    known = np.where(np.isnan(residual), 0.0, residual)  # nansum
+    steps = np.maximum(readout.steps[idx], 1)
+    cols = np.column_stack((readout.interval[idx], readout.w_sq_now[idx], readout.last[idx, :3], numel[idx],
+                            readout.interval[idx, _COL["u_sq"]] / steps, known, np.abs(known),
+                            readout.last[idx][:, [_LR, _WD, _ULR]]))  # fmt: skip
+    counts = np.column_stack((readout.steps[idx], readout.nonfinite_steps[idx], readout.unmeasured_steps[idx]))
+    sums = np.zeros((len(groups), cols.shape[1]))
+    top = np.zeros((len(groups), 3), dtype=np.int64)
+    if idx.size:
+        sums[full] = np.add.reduceat(cols, starts, axis=0)
+        top[full] = np.maximum.reduceat(counts, starts, axis=0)
+    out = []
+    for size, s, (max_steps, max_nonfinite, max_unmeasured) in zip(sizes.tolist(), sums.tolist(), top.tolist(),
+                                                                     strict=True):  # fmt: skip
+        entry = {q: s[_COL[q]] for q in QUANTITIES}
+        entry["eta_lambda"] = s[_COL["eta_lambda"]] / size if size else 0.0  # a per-step rate: the mean, not the sum
+        a, i, d = shares(entry["align"], entry["inject"], entry["decay"])
+        budget = abs(entry["align"]) + entry["inject"] + abs(entry["decay"])
+        wu, uu, ww, n_el = s[_LAST_WU], s[_LAST_UU], s[_LAST_WW], s[_NUMEL]
+        w_sq, u_sq = entry["w_sq"], entry["u_sq"]
+        cos_interval = entry["w_dot_u"] / math.sqrt(w_sq * u_sq) if w_sq * u_sq > 0 else math.nan
+        lr, wd, ulr = (s[_LAST_LR] / size, s[_LAST_WD] / size, s[_LAST_ULR] / size) if size else (math.nan,) * 3
+        # Steps that moved W unmeasured (track_every > 1) leave the books open: no residual rather than a wrong one.
+        closes = max_unmeasured == 0
+        u_norm = math.sqrt(s[_U_PER_STEP])  # interval-mean ‖û‖
+        entry.update(
+            cos_w_u_interval=cos_interval,
+            rms_eq=equilibrium_norm(u_norm, cos_interval, lr, wd, ulr) / math.sqrt(n_el) if n_el else math.nan,
+            rms_eq_indep=equilibrium_norm(u_norm, 0.0, lr, wd, ulr) / math.sqrt(n_el) if n_el else math.nan,
+            align_share=a,
+            inject_share=i,
+            decay_share=d,
+            net=entry["align"] + entry["inject"] + entry["decay"] + entry["higher_order"],
+            w_sq_now=s[_W_NOW],
+            rms=math.sqrt(s[_W_NOW] / n_el) if n_el else math.nan,
+            cos_w_u=wu / math.sqrt(uu * ww) if uu > 0 and ww > 0 else math.nan,
+            residual=s[_RES] if closes else math.nan,
+            rel_residual=s[_ABS_RES] / budget if budget > 0 and closes else math.nan,
+            steps=max_steps,
+            nonfinite_steps=max_nonfinite,
+            unmeasured_steps=max_unmeasured,
+        )
+        out.append(entry)
     return out
 
 
@@ -288,8 +315,9 @@ class ForceMonitor:
         readout = self.optimizer.read_forces(reset=True)
         if list(readout.names) != self.names:  # groups added or tensors renamed since the last read
             self._index(self.optimizer.tracked_parameters())
-        classes = {c: aggregate(readout, rows, self._numel) for c, rows in self._classes.items()}
-        layers = {str(k): aggregate(readout, rows, self._numel) for k, rows in self._layers.items()}
+        merged = aggregate_groups(readout, [*self._classes.values(), *self._layers.values()], self._numel)
+        classes = dict(zip(self._classes, merged[: len(self._classes)], strict=True))
+        layers = dict(zip(map(str, self._layers), merged[len(self._classes) :], strict=True))
         metrics: dict[str, Any] = {}
         for c, agg in classes.items():
             self._t_over_tau[c] = self._t_over_tau.get(c, 0.0) + agg["eta_lambda"]
@@ -305,8 +333,8 @@ class ForceMonitor:
                 self._pending.clear()
         if self.per_tensor and readout is not None:
             tensors = {}
-            for i, name in enumerate(self.names):
-                agg = aggregate(readout, np.array([i]), self._numel)
+            each = aggregate_groups(readout, [np.array([i]) for i in range(len(self.names))], self._numel)
+            for i, (name, agg) in enumerate(zip(self.names, each, strict=True)):
                 role = self.roles[name]
                 last = {f"last_{k}": float(v) for k, v in zip(LAST_KEYS, readout.last[i], strict=True)}
                 tensors[name] = dict(agg, **last, numel=int(self._numel[i]), cls=role.cls, layer=role.layer,

@@ -288,3 +288,34 @@ def test_model_type_comes_from_the_model_unless_given():
     assert told.model_type == "llama"
     assert told.roles["gpt_neox.layers.0.attention.dense.weight"].cls != "Transmission"
     assert ForceMonitor(opt).model_type is None
+
+
+def test_groups_aggregated_together_equal_each_alone_and_do_not_mix():
+    """``aggregate_groups`` (a log's classes and layers in one pass) gives each set what it gives that set alone,
+    with empty sets among them and a tensor whose last step is NaN/inf outside the set, which must not leak in."""
+    from instrumented_adamw.forces import ForceReadout
+    from instrumented_adamw.monitor import aggregate, aggregate_groups
+
+    rng = np.random.default_rng(0)
+    n, q = 5, len(QUANTITIES)
+    last = rng.uniform(0.1, 1.0, (n, len(LAST_KEYS)))
+    last[4, :3] = (math.nan, math.inf, 1.0)  # a tensor whose last step went non-finite
+    readout = ForceReadout(
+        names=tuple(f"t{i}" for i in range(n)), last=last, interval=rng.uniform(0.1, 1.0, (n, q)),
+        steps=np.array([10, 10, 7, 10, 3]), nonfinite_steps=np.array([0, 1, 0, 0, 2]),
+        unmeasured_steps=np.array([0, 0, 0, 2, 0]), last_finite=np.array([True] * 4 + [False]),
+        w_sq_now=rng.uniform(1.0, 2.0, n), residual=np.array([1e-9, math.nan, -2e-9, 3e-9, math.inf]),
+        last_residual=np.zeros(n),
+    )  # fmt: skip
+    numel = np.array([10, 20, 30, 40, 50])
+    groups = [np.array([0, 1]), np.array([], dtype=np.int64), np.array([2]), np.array([3, 0]), np.array([4])]
+    together = aggregate_groups(readout, groups, numel)
+    for rows, got in zip(groups, together, strict=True):
+        alone = aggregate(readout, rows, numel)
+        assert got.keys() == alone.keys()
+        for key, value in alone.items():
+            assert got[key] == pytest.approx(value, rel=1e-15, nan_ok=True), (rows, key)
+    assert math.isfinite(together[0]["cos_w_u"]) and together[0]["residual"] == pytest.approx(1e-9)  # NaN: nansum
+    assert math.isnan(together[3]["residual"])  # tensor 3 has unmeasured steps: the books are open
+    assert together[1]["steps"] == 0 and math.isnan(together[1]["rms"])
+    assert (together[0]["steps"], together[0]["nonfinite_steps"]) == (10, 1)
