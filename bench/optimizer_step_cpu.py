@@ -69,7 +69,7 @@ def make_step(opt: torch.optim.Optimizer, how: str) -> Callable[[], None]:
     if how == "compiled":  # as torch documents for its optimizers: torch.compile around opt.step()
         return torch.compile(opt.step, fullgraph=False)
     if how == "two-pass":  # the path fused=True takes where the C kernel cannot be built (no compiler)
-        opt._cpu_kernel_fits = lambda group, local: False  # type: ignore[attr-defined]
+        opt._cpu_kernel_fits = lambda group, local, warn: False  # type: ignore[attr-defined]
     return opt.step
 
 

@@ -283,7 +283,7 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
         return "foreach" if foreach else "single"
 
     @staticmethod
-    def _cpu_kernel_fits(group: dict[str, Any], local: list[list[Tensor]], warn: bool = True) -> bool:
+    def _cpu_kernel_fits(group: dict[str, Any], local: list[list[Tensor]], *, warn: bool) -> bool:
         """Whether ``cpu_adamw`` can do this group's fused step bitwise as torch would: contiguous CPU tensors of a
         dtype it serves and float hyperparameters. GradScaler's scale and found_inf, differentiable and tensor
         hyperparameters stay with torch's own update. ``capturable`` is no reason: torch's fused CPU kernel ignores
