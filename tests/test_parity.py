@@ -167,3 +167,27 @@ def test_read_norms_are_float64_sums_of_squares_for_every_dtype():
     want = torch.tensor([t.double().square().sum().item() for t in tensors], dtype=torch.float64)
     assert got.dtype == torch.float64 and got.shape == (5,)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_read_norms_of_plain_cpu_tensors_take_the_c_library(monkeypatch):
+    """Contiguous float32/float64 CPU tensors (the CPU study's parameters) are summed by the C library's one-read
+    reduction, exact float64 products (1e-14 of the float64 sum); a list with any other tensor (a view, bf16)
+    keeps torch's float64 norm."""
+    from instrumented_adamw import cpu_adamw
+    from instrumented_adamw.reductions import sq_norms_exact
+
+    lib = cpu_adamw.library()
+    assert lib is not None, "the C library did not build here: cpu_adamw.status() says why"
+    calls = []
+    real = type(lib).reduce3
+    monkeypatch.setattr(type(lib), "reduce3", lambda self, w, u, out: calls.append(w.numel()) or real(self, w, u, out))
+    g = torch.Generator().manual_seed(4)
+    plain = [torch.randn(3000, 41, generator=g), torch.randn(7, generator=g, dtype=torch.float64) * 1e5, torch.empty(0)]
+    got = sq_norms_exact(plain)
+    want = torch.tensor([t.double().square().sum().item() for t in plain], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+    assert calls == [123000, 7, 0] and got.is_contiguous()
+    calls.clear()
+    mixed = [plain[0], plain[0].t()]  # a transposed view: not contiguous
+    torch.testing.assert_close(sq_norms_exact(mixed), want[[0, 0]], rtol=1e-12, atol=0)
+    assert calls == []
