@@ -96,20 +96,21 @@ def aggregate(readout: ForceReadout, rows: np.ndarray, numel: np.ndarray) -> dic
     return aggregate_groups(readout, [rows], numel)[0]
 
 
-#: Per-tensor columns that aggregate_groups sums (after the interval quantities): ‖W‖² now, the last step's
+#: Per-tensor columns that aggregate_groups sums, after the interval quantities: ‖W‖² now, the last step's
 #: ⟨W,û⟩, ‖û‖², ‖W‖², the element count, ‖û‖² per step, the residual (NaN as 0), |residual|, the last lr, λ, η_u.
-_W_NOW, _LAST_WU, _LAST_UU, _LAST_WW, _NUMEL, _U_PER_STEP, _RES, _ABS_RES, _LAST_LR, _LAST_WD, _LAST_ULR = range(
-    len(QUANTITIES), len(QUANTITIES) + 11
-)
+_EXTRA = ("w_now", "last_wu", "last_uu", "last_ww", "numel", "u_per_step", "res", "abs_res", "lr", "wd", "ulr")
+_X = {name: len(QUANTITIES) + i for i, name in enumerate(_EXTRA)}
 
 
 def aggregate_groups(readout: ForceReadout, groups: list[np.ndarray], numel: np.ndarray) -> list[dict[str, float]]:
     """:func:`aggregate` of several sets of tensors at once (a log's classes and layers, or every tensor): one
     gather and one ``reduceat`` per statistic for all of them, rather than some thirty numpy calls per set, which
     made the aggregation most of a log's host time."""
+    if not groups:
+        return []
     sizes = np.array([len(rows) for rows in groups], dtype=np.int64)
     full = sizes > 0
-    idx = np.concatenate([np.asarray(rows, dtype=np.int64) for rows in groups]) if len(groups) else np.zeros(0, int)
+    idx = np.concatenate([np.asarray(rows, dtype=np.int64) for rows in groups])
     starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))[full]
     residual = readout.residual[idx]
     known = np.where(np.isnan(residual), 0.0, residual)  # nansum
@@ -130,13 +131,13 @@ def aggregate_groups(readout: ForceReadout, groups: list[np.ndarray], numel: np.
         entry["eta_lambda"] = s[_COL["eta_lambda"]] / size if size else 0.0  # a per-step rate: the mean, not the sum
         a, i, d = shares(entry["align"], entry["inject"], entry["decay"])
         budget = abs(entry["align"]) + entry["inject"] + abs(entry["decay"])
-        wu, uu, ww, n_el = s[_LAST_WU], s[_LAST_UU], s[_LAST_WW], s[_NUMEL]
+        wu, uu, ww, n_el = s[_X["last_wu"]], s[_X["last_uu"]], s[_X["last_ww"]], s[_X["numel"]]
         w_sq, u_sq = entry["w_sq"], entry["u_sq"]
         cos_interval = entry["w_dot_u"] / math.sqrt(w_sq * u_sq) if w_sq * u_sq > 0 else math.nan
-        lr, wd, ulr = (s[_LAST_LR] / size, s[_LAST_WD] / size, s[_LAST_ULR] / size) if size else (math.nan,) * 3
+        lr, wd, ulr = (s[_X["lr"]] / size, s[_X["wd"]] / size, s[_X["ulr"]] / size) if size else (math.nan,) * 3
         # Steps that moved W unmeasured (track_every > 1) leave the books open: no residual rather than a wrong one.
         closes = max_unmeasured == 0
-        u_norm = math.sqrt(s[_U_PER_STEP])  # interval-mean ‖û‖
+        u_norm = math.sqrt(s[_X["u_per_step"]])  # interval-mean ‖û‖
         entry.update(
             cos_w_u_interval=cos_interval,
             rms_eq=equilibrium_norm(u_norm, cos_interval, lr, wd, ulr) / math.sqrt(n_el) if n_el else math.nan,
@@ -145,11 +146,11 @@ def aggregate_groups(readout: ForceReadout, groups: list[np.ndarray], numel: np.
             inject_share=i,
             decay_share=d,
             net=entry["align"] + entry["inject"] + entry["decay"] + entry["higher_order"],
-            w_sq_now=s[_W_NOW],
-            rms=math.sqrt(s[_W_NOW] / n_el) if n_el else math.nan,
+            w_sq_now=s[_X["w_now"]],
+            rms=math.sqrt(s[_X["w_now"]] / n_el) if n_el else math.nan,
             cos_w_u=wu / math.sqrt(uu * ww) if uu > 0 and ww > 0 else math.nan,
-            residual=s[_RES] if closes else math.nan,
-            rel_residual=s[_ABS_RES] / budget if budget > 0 and closes else math.nan,
+            residual=s[_X["res"]] if closes else math.nan,
+            rel_residual=s[_X["abs_res"]] / budget if budget > 0 and closes else math.nan,
             steps=max_steps,
             nonfinite_steps=max_nonfinite,
             unmeasured_steps=max_unmeasured,

@@ -319,3 +319,4 @@ def test_groups_aggregated_together_equal_each_alone_and_do_not_mix():
     assert math.isnan(together[3]["residual"])  # tensor 3 has unmeasured steps: the books are open
     assert together[1]["steps"] == 0 and math.isnan(together[1]["rms"])
     assert (together[0]["steps"], together[0]["nonfinite_steps"]) == (10, 1)
+    assert aggregate_groups(readout, [], numel) == []
