@@ -115,10 +115,11 @@ class ForceMonitorCallback(TrainerCallback):
                 self._pending = reading  # the Trainer logs this step: write with its loss and lr in on_log
             else:
                 self.monitor.write(reading)  # no sinks on other ranks: writes nothing there
-                self._sync_before_save(control)
             state.stateful_callbacks[STATE_KEY] = self.monitor.state_dict()
         if self.monitor.weibull_every and step % self.monitor.weibull_every == 0:
             self.monitor.fit(step)  # gathers FSDP shards: every rank
+        if self._pending is None:  # a pending reading is written, then synced, in on_log
+            self._sync_before_save(control)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         reading, self._pending = self._pending, None
@@ -141,7 +142,15 @@ class ForceMonitorCallback(TrainerCallback):
     def _sync_before_save(self, control) -> None:
         """The Trainer saves a checkpoint after this step's callbacks: the logs up to it go to disk first, so a
         run resumed from that checkpoint after a power loss finds every record up to its step."""
-        if control.should_save:
+        if self.monitor is not None and control.should_save:
+            self.monitor.sync()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._sync_before_save(control)  # save_strategy="epoch" decides here
+
+    def on_save(self, args, state, control, **kwargs):
+        # save_strategy="best" decides after evaluating, with no callback before the save: sync right after it.
+        if self.monitor is not None:
             self.monitor.sync()
 
     def on_train_end(self, args, state, control, **kwargs):

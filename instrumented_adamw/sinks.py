@@ -86,7 +86,7 @@ class JsonlSink:
     ) -> None:
         if resume_step is not None and marks is not None:
             raise ValueError("pass resume_step or marks, not both")
-        if fsync not in (True, False, "marks"):
+        if not (isinstance(fsync, bool) or fsync == "marks"):  # not 1 or 0: they would pass `in (True, False)`
             raise ValueError(f"fsync must be 'marks' (at marks, sync and close), True (every record too) or False, "
                              f"got {fsync!r}")  # fmt: skip
         self.directory = Path(directory)

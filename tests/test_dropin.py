@@ -272,13 +272,20 @@ def test_hf_logs_are_synced_to_disk_before_each_checkpoint(tmp_path, monkeypatch
 
     def sync(self):
         steps = [r["step"] for r in read_jsonl(self.path("metrics"))] if self.path("metrics").exists() else []
-        seen.append((steps[-1] if steps else None, sorted(p.name for p in tmp_path.glob("checkpoint-*"))))
+        run_dir = self.directory.parent  # the sink writes <output_dir>/forces
+        seen.append((steps[-1] if steps else None, sorted(p.name for p in run_dir.glob("checkpoint-*"))))
         real_sync(self)
 
     monkeypatch.setattr(JsonlSink, "sync", sync)
     _trainer(tmp_path).train()
-    assert seen[:2] == [(10, []), (20, ["checkpoint-10"])]  # each save's step logged, synced, then saved
-    assert seen[-1] == (20, ["checkpoint-10", "checkpoint-20"])  # close
+    before_save = [entry for entry in seen if f"checkpoint-{entry[0]}" not in entry[1]]
+    assert before_save == [(10, []), (20, ["checkpoint-10"])]  # each save's step logged, synced, then saved
+    assert seen[-1] == (20, ["checkpoint-10", "checkpoint-20"])  # on_save and close
+    # Saves on steps the monitor does not log (every 7 steps, logs every 5): synced before each all the same.
+    seen.clear()
+    _trainer(tmp_path / "off_beat", save_steps=7).train()
+    assert (5, []) in seen  # before checkpoint-7 (records up to step 5)
+    assert (10, ["checkpoint-7"]) in seen  # before checkpoint-14
 
 
 def test_hf_report_to_integrations_receive_the_force_metrics(tmp_path):

@@ -166,8 +166,9 @@ def test_jsonl_flushes_each_record_and_fsyncs_at_marks_and_close(tmp_path, monke
     never.marks()
     never.close()
     assert synced == []
-    with pytest.raises(ValueError, match="fsync must be"):
-        JsonlSink(tmp_path / "bad", fsync="always")
+    for bad in ("always", 1, 0):
+        with pytest.raises(ValueError, match="fsync must be"):
+            JsonlSink(tmp_path / "bad", fsync=bad)
 
 
 def test_monitor_sync_reaches_file_sinks_only(tmp_path, monkeypatch):
