@@ -174,8 +174,9 @@ class Mutant:
     lines: tuple[int, int] = (0, 0)  # the changed statement's lines, for selecting tests
     nth: int = 0  # among mutants with the same line, kind and change (two + on one line)
     uses: tuple[int, ...] | None = None  # an import-time statement's effect: the lines that read what it defines
-    text: str = ""  # the mutated line, stripped: with ``occurrence``, the mutant's place across edits that move lines
-    occurrence: int = 0  # among the module's lines with the same stripped text, in file order
+    text: str = ""  # the mutated line, stripped: with ``context`` and ``occurrence``, its place across edits
+    context: str = ""  # the nearest non-blank lines before and after it, stripped
+    occurrence: int = 0  # among the module's lines with the same text and context, in file order
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
@@ -210,14 +211,20 @@ def _skippable(node: ast.AST, parents: dict[int, ast.AST], source_lines: list[st
     return False
 
 
-def _occurrences(lines: list[str]) -> dict[int, tuple[str, int]]:
-    """Line number -> (stripped text, how many earlier lines have that text)."""
-    count: dict[str, int] = {}
+def _places(lines: list[str]) -> dict[int, tuple[str, str, int]]:
+    """Line number -> (stripped text, its context: the nearest non-blank lines around it, and how many earlier lines
+    have that text and context). The context keeps equal lines apart: with text alone, a copy of a line inserted
+    above would take over the verdict of the one below it, and that one the next one's."""
+    stripped = [line.strip() for line in lines]
+    filled = [i for i, text in enumerate(stripped) if text]
+    count: dict[tuple[str, str], int] = {}
     out = {}
-    for number, line in enumerate(lines, start=1):
-        text = line.strip()
-        out[number] = (text, count.get(text, 0))
-        count[text] = count.get(text, 0) + 1
+    for k, i in enumerate(filled):
+        before = stripped[filled[k - 1]] if k else ""
+        after = stripped[filled[k + 1]] if k + 1 < len(filled) else ""
+        place = (stripped[i], f"{before}\n{after}")
+        out[i + 1] = (*place, count.get(place, 0))
+        count[place] = count.get(place, 0) + 1
     return out
 
 
@@ -255,7 +262,7 @@ def enumerate_mutants(module: str) -> list[tuple[Mutant, ast.Module]]:
                 sites.append(("remove_call", pos, ast.unparse(node)[:60], "pass"))
     out = []
     seen: dict[tuple, int] = {}
-    occurrences = _occurrences(lines)
+    places = _places(lines)
     for index, (kind, pos, before, after) in enumerate(sites):
         mutated = copy.deepcopy(tree)
         target = list(ast.walk(mutated))[pos]
@@ -264,9 +271,9 @@ def enumerate_mutants(module: str) -> list[tuple[Mutant, ast.Module]]:
         span = _statement_lines(nodes[pos], parents)
         nth = seen[line, kind, before, after] = seen.get((line, kind, before, after), -1) + 1
         uses = _import_time_uses(nodes[pos], parents, tree, module)
-        text, occurrence = occurrences.get(line, ("", 0))
+        text, context, occurrence = places.get(line, ("", "", 0))
         mutant = Mutant(module, index, line, kind, before, after, lines=span, nth=nth, uses=uses, text=text,
-                        occurrence=occurrence)  # fmt: skip
+                        context=context, occurrence=occurrence)  # fmt: skip
         key = (module, text, kind, before, after)
         reason = EQUIVALENT.get(key + (nth,)) or EQUIVALENT.get(key)  # with nth: one of equal changes on a line
         if reason:
@@ -696,23 +703,27 @@ def survivors(results: list[Mutant]) -> str:
 def carried_verdicts(verdicts: list[Mutant], modules: list[str], retest: bool) -> dict[tuple, Mutant]:
     """The saved verdicts a ``--resume`` keeps, by mutant: all of them, or with ``--retest`` all but the survivors
     of the modules being run (every verdict of the other modules stays as it was). Verdicts saved before mutants
-    carried their line's text take it from the module as it is now (the line-number identity they had)."""
+    carried their line's context take it from the module as it is now, at their line number (the identity they
+    had), where that line still reads the same; the others can match nothing and run again."""
     kept = ("killed", "timeout") if retest else ("killed", "timeout", "survived")
-    texts = {}
+    places = {}
     for m in verdicts:
-        if not m.text:
-            if m.module not in texts:
+        if not m.context:
+            if m.module not in places:
                 path = ROOT / m.module
-                texts[m.module] = _occurrences(path.read_text().splitlines()) if path.exists() else {}
-            m.text, m.occurrence = texts[m.module].get(m.line, (f"<line {m.line}>", 0))
+                places[m.module] = _places(path.read_text().splitlines()) if path.exists() else {}
+            text, context, occurrence = places[m.module].get(m.line, ("", "", 0))
+            if m.text and m.text != text:
+                context = f"<stale: line {m.line} reads otherwise now>"
+            m.text, m.context, m.occurrence = m.text or text, context or f"<line {m.line}>", occurrence
     return {_key(m): m for m in verdicts if m.status in kept or m.module not in modules}
 
 
 def _key(m: Mutant) -> tuple:
-    """A mutant's identity across runs: the same change on the same line of code, by its text and which of the
-    module's equal lines it is, so an edit elsewhere that moves lines keeps the verdicts of the lines it did not
-    touch. Not its index, which a change to the harness's rules renumbers."""
-    return (m.module, m.text, m.occurrence, m.kind, m.before, m.after, m.nth)
+    """A mutant's identity across runs: the same change on the same line of code, by its text, the lines around
+    it and which of the module's equal ones it is, so an edit elsewhere that moves lines keeps the verdicts of
+    the lines it did not touch. Not its index, which a change to the harness's rules renumbers."""
+    return (m.module, m.text, m.context, m.occurrence, m.kind, m.before, m.after, m.nth)
 
 
 def _moved(verdict: Mutant, now: Mutant) -> Mutant:
