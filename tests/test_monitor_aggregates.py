@@ -207,20 +207,25 @@ def test_monitor_defaults_and_bad_intervals():
             ForceMonitor(opt, model, **kwargs)
 
 
+def _one_tensor_readout(red, lr, unmeasured=False, w_sq_now=0.1):
+    """The read-out of one tensor after one step with reductions ``red`` = [⟨W,û⟩, ‖û‖², ‖W‖²] (λ = 0.1), recorded
+    by the real force table; ``unmeasured`` adds a step that moved W unmeasured."""
+    from instrumented_adamw.forces import ForceReadout, ForceStats, forces_from_reductions
+
+    stats = ForceStats(torch.device("cpu"))
+    stats.add_rows(["a"])
+    stats.record((0,), forces_from_reductions(torch.tensor([red], dtype=torch.float64), lr, 0.1))
+    if unmeasured:
+        stats.record_unmeasured((0,))
+    return ForceReadout.from_tables(["a"], stats.table.numpy(), np.array([w_sq_now]))
+
+
 def test_aggregate_guards_small_values_and_open_books():
     """cos(W, û) needs only ‖û‖² > 0 and ‖W‖² > 0 (not > 1); an interval with one unmeasured step has no residual
     (NaN, not the 0 a nansum of NaNs gives); a zero budget has no relative residual (NaN, not inf)."""
-    from instrumented_adamw.forces import ForceReadout, ForceStats, forces_from_reductions
     from instrumented_adamw.monitor import aggregate
 
-    def readout(red, lr, unmeasured=False, w_sq_now=0.1):
-        stats = ForceStats(torch.device("cpu"))
-        stats.add_rows(["a"])
-        stats.record((0,), forces_from_reductions(torch.tensor([red], dtype=torch.float64), lr, 0.1))
-        if unmeasured:
-            stats.record_unmeasured((0,))
-        return ForceReadout.from_tables(["a"], stats.table.numpy(), np.array([w_sq_now]))
-
+    readout = _one_tensor_readout
     small = aggregate(readout([0.01, 0.04, 0.09], 1e-2), np.array([0]), np.array([10]))  # ‖û‖² and ‖W‖² below 1
     assert small["cos_w_u"] == pytest.approx(0.01 / math.sqrt(0.04 * 0.09), rel=1e-12)
     assert small["cos_w_u_interval"] == pytest.approx(0.01 / math.sqrt(0.04 * 0.09), rel=1e-12)
@@ -260,19 +265,12 @@ def test_per_tensor_sums_carry_every_count_between_entries():
 def test_zero_norms_give_nan_cosines_without_numpy_warnings():
     """A tensor whose û is exactly zero (no gradient yet) or whose W is zero has no angle: cos is NaN, decided by the
     guards before any division, so a monitored run does not print numpy's 0/0 warning at every log."""
-    from instrumented_adamw.forces import ForceReadout, ForceStats, forces_from_reductions
     from instrumented_adamw.monitor import aggregate
-
-    def readout(red):
-        stats = ForceStats(torch.device("cpu"))
-        stats.add_rows(["a"])
-        stats.record((0,), forces_from_reductions(torch.tensor([red], dtype=torch.float64), 1e-2, 0.1))
-        return ForceReadout.from_tables(["a"], stats.table.numpy(), np.array([red[2]]))
 
     for red in ([0.0, 0.0, 4.0], [0.0, 4.0, 0.0], [0.0, 0.0, 0.0]):  # û = 0; W = 0; both
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            out = aggregate(readout(red), np.array([0]), np.array([10]))
+            out = aggregate(_one_tensor_readout(red, 1e-2, w_sq_now=red[2]), np.array([0]), np.array([10]))
         assert math.isnan(out["cos_w_u"]) and math.isnan(out["cos_w_u_interval"]), red
 
 
