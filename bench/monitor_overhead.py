@@ -72,27 +72,21 @@ def main() -> None:
     # Where a log's time goes: the device read (read_forces: the sync, the exact norms, one copy), the aggregation
     # per class and layer (the rest of ForceMonitor.read), the sinks' writes. Timed inside the same calls.
     pieces: dict[str, list[float]] = {"read_forces": [], "aggregate": [], "write": []}
-    read_forces, read, write = opt.read_forces, monitor.read, monitor.write
 
-    def timed_read_forces(*a, **k):
-        t0 = time.perf_counter()
-        out = read_forces(*a, **k)
-        pieces["read_forces"].append(time.perf_counter() - t0)
-        return out
+    def timed(fn, piece: str, inner: str | None = None):
+        """``fn`` timed into ``pieces[piece]``, less the time of the ``inner`` piece it called."""
 
-    def timed_read(*a, **k):
-        t0 = time.perf_counter()
-        out = read(*a, **k)
-        pieces["aggregate"].append(time.perf_counter() - t0 - pieces["read_forces"][-1])
-        return out
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            pieces[piece].append(time.perf_counter() - t0 - (pieces[inner][-1] if inner else 0.0))
+            return out
 
-    def timed_write(*a, **k):
-        t0 = time.perf_counter()
-        out = write(*a, **k)
-        pieces["write"].append(time.perf_counter() - t0)
-        return out
+        return call
 
-    opt.read_forces, monitor.read, monitor.write = timed_read_forces, timed_read, timed_write
+    opt.read_forces = timed(opt.read_forces, "read_forces")
+    monitor.read = timed(monitor.read, "aggregate", inner="read_forces")
+    monitor.write = timed(monitor.write, "write")
     for _ in range(3):
         train_step()
     monitor.log(1, loss=0.0)  # warm-up read (the interval starts clean)
