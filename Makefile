@@ -37,23 +37,23 @@ bench: $(BIN)/.installed
 # The CPU study (configs/cpu_study/study.yaml): about 20 minutes per pair of runs on 2 cores; runs already in
 # results/cpu_study/ with the same config are skipped. Then results/cpu_study/ and docs/results.md are regenerated.
 study: $(BIN)/.installed
-	PYTHONPATH=. $(BIN)/python -m train.study
+	PYTHONPATH=. $(BIN)/python -m experiments.cpu_study
 
 mutate: $(BIN)/.installed
 	$(BIN)/python tools/mutate.py --jobs 2
 
 # Checks, benchmarks and pending campaign runs inside BUDGET_S seconds; the bundle (<= 8 files) goes to OUT. Without
-# CUDA this is the dry run (demo-size stand-ins, about a minute). More options: python -m train.evidence run --help.
+# CUDA this is the dry run (demo-size stand-ins, about a minute). More options: python -m experiments.gpu_evidence run --help.
 gpu-evidence:
-	PYTHONPATH=. $(EVIDENCE_PYTHON) -m train.evidence run --out "$(OUT)" --budget $(BUDGET_S) --parts $(PARTS) $(EVIDENCE_ARGS)
+	PYTHONPATH=. $(EVIDENCE_PYTHON) -m experiments.gpu_evidence run --out "$(OUT)" --budget $(BUDGET_S) --parts $(PARTS) $(EVIDENCE_ARGS)
 
 # Before a GPU window, here: the token files (compressed) and the commit record into .gpu/evidence/, size checked.
 gpu-prepare:
-	PYTHONPATH=. $(EVIDENCE_PYTHON) -m train.evidence prepare
+	PYTHONPATH=. $(EVIDENCE_PYTHON) -m experiments.gpu_evidence prepare
 
-# docs/results.md and the GPU table of docs/benchmarks.md from results/ (after `python -m train.evidence unpack`).
+# docs/results.md and the GPU table of docs/benchmarks.md from results/ (after `python -m experiments.gpu_evidence unpack`).
 results:
-	PYTHONPATH=. $(EVIDENCE_PYTHON) -m instrumented_adamw.cli results
+	PYTHONPATH=. $(EVIDENCE_PYTHON) -m experiments.results_doc
 
 clean:
 	rm -rf $(VENV) .pytest_cache

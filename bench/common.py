@@ -21,13 +21,15 @@ from typing import Any
 
 import torch
 
+from train import provenance  # bench scripts run from the checkout with PYTHONPATH=.
+
 #: name -> (vocab, d_model, layers, ffn)
 PYTHIA = {
     "pythia-70m": (50304, 512, 6, 2048),
     "pythia-410m": (50304, 1024, 24, 4096),
     "pythia-1.4b": (50304, 2048, 24, 8192),
 }
-#: The same layout at toy size, for ``--smoke`` runs (the CPU dry run of ``python -m train.evidence``).
+#: The same layout at toy size, for ``--smoke`` runs (the CPU dry run of ``python -m experiments.gpu_evidence``).
 SMOKE = {"pythia-smoke": (512, 64, 2, 256)}
 
 
@@ -91,38 +93,7 @@ def median_ms(fn, repeats: int, warmup: int = 5, device: str | torch.device = "c
 def environment(device: str | torch.device | None = None) -> dict[str, Any]:
     """What a figure was measured on: device name, versions of torch / Triton / CUDA / Python, CPU and threads."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    env: dict[str, Any] = dict(
-        device=device.type,
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        torch=torch.__version__,
-        cuda=torch.version.cuda,
-        python=platform.python_version(),
-        platform=platform.platform(),
-        cpu=_cpu_name(),
-        cpu_count=os.cpu_count(),
-        threads=torch.get_num_threads(),
-    )
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(sm_count=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
-                   capability=f"{props.major}.{props.minor}")  # fmt: skip
-    return env
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return dict(provenance.device_description(device), **provenance.versions())
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,8 @@ import time
 import torch
 from common import SMOKE, add_output_args, environment, hardware, make_params, write_json
 
-from instrumented_adamw import InstrumentedAdamW, triton_adamw
+from instrumented_adamw import InstrumentedAdamW
+from instrumented_adamw.kernels import triton_adamw
 
 VARIANTS = [("torch AdamW fused", torch.optim.AdamW), ("InstrumentedAdamW fused", InstrumentedAdamW)]
 

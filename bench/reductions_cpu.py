@@ -1,6 +1,6 @@
 """Accuracy and speed of inner-product strategies on one embedding-sized fp32 tensor (CPU).
 
-Backs the choice in ``instrumented_adamw/reductions.py``: for each strategy, the median time of 5 calls and the
+Backs the choice in ``instrumented_adamw/kernels/reductions.py``: for each strategy, the median time of 5 calls and the
 relative error against a float64 dot product of the same data.
 
     python bench/reductions_cpu.py [--numel 25755648]     # one Pythia-70M embedding
@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from instrumented_adamw import cpu_adamw
-from instrumented_adamw.reductions import ROW, dot_f64, sq_f64
+from instrumented_adamw.kernels import cpu_adamw
+from instrumented_adamw.kernels.reductions import ROW, dot_f64, sq_f64
 
 
 def timed(fn, repeats=5):

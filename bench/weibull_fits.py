@@ -18,7 +18,7 @@ import torch
 import transformers
 from common import add_output_args, environment, target, write_json
 
-from instrumented_adamw.weibull import HAZEN_CACHE, fit_weibull
+from instrumented_adamw.weibull.fit import HAZEN_CACHE, fit_weibull
 
 #: Pythia-70M (EleutherAI/pythia-70m config.json; also ../shared/reference/paper_numbers.md).
 PYTHIA_70M = dict(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from instrumented_adamw.weibull import HIST_BINS, HIST_LOG10_RANGE, fit_weibull, fit_weibull_histogram
+from instrumented_adamw.weibull.fit import HIST_BINS, HIST_LOG10_RANGE, fit_weibull, fit_weibull_histogram
 
 SHAPE = (512, 2048)
 

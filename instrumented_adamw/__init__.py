@@ -1,10 +1,21 @@
-"""instrumented-adamw: see why weight norms grow under AdamW, live, at no measurable cost to training."""
+"""instrumented-adamw: see why weight norms grow under AdamW, live, at no measurable cost to training.
 
-from .forces import FORCES, LAST_KEYS, QUANTITIES, ForceReadout
-from .hybrid import HybridOptimizer
-from .muon import InstrumentedMuon, hybrid_param_groups
-from .optim import InstrumentedAdamW
-from .tracking import ForceTracking, unwrap_optimizer
+Layers (docs/architecture.md), each importing only those before it: ``utils`` and ``taxonomy`` → ``kernels`` →
+``optim`` → ``weibull`` → ``sinks`` / ``monitor`` → integrations (``hf``) → ``analysis`` → ``cli``.
+"""
+
+from instrumented_adamw.optim import (
+    FORCES,
+    LAST_KEYS,
+    QUANTITIES,
+    ForceReadout,
+    ForceTracking,
+    HybridOptimizer,
+    InstrumentedAdamW,
+    InstrumentedMuon,
+    hybrid_param_groups,
+    unwrap_optimizer,
+)
 
 __all__ = [
     "FORCES",

@@ -1,5 +1,5 @@
-"""The ``instrumented-adamw`` command: ``fit`` (Weibull diagnostics), ``report`` (figures), ``analyze``, ``results``
-(docs/results.md and the GPU benchmark table from the committed results/)."""
+"""The ``instrumented-adamw`` command: ``fit`` (Weibull diagnostics), ``report`` (figures), ``analyze`` (closed loop,
+spline recovery, depth)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import diagnostics as dx
-from ._extras import MissingExtraError
+from instrumented_adamw.utils.extras import MissingExtraError
+from instrumented_adamw.weibull import diagnostics as dx
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -75,7 +75,7 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import make_report
+    from instrumented_adamw.analysis.report import make_report
 
     out = args.out or str(Path(args.runs[0]) / "report")
     try:
@@ -91,7 +91,7 @@ def _report(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     import json
 
-    from .analysis import analyze_run
+    from instrumented_adamw.analysis.analyze import analyze_run
 
     try:
         result = analyze_run(args.run, args.out, args.spacings, cls=args.cls)
@@ -102,24 +102,6 @@ def _analyze(args: argparse.Namespace) -> int:
     print(json.dumps({"closed_loop": summary, "spline": result.get("spline")}, indent=1, default=float))
     for f in result["files"]:
         print(f)
-    return 0
-
-
-def _results(args: argparse.Namespace) -> int:
-    from .results import generate
-
-    campaign = args.campaign if Path(args.campaign).is_file() else None
-    try:
-        diffs = generate(args.results, args.docs, campaign, check=args.check)
-    except (FileNotFoundError, ValueError, MissingExtraError) as exc:
-        print(f"instrumented-adamw results: {exc}", file=sys.stderr)
-        return 2
-    if args.check and diffs:
-        print("docs differ from what the committed results give; run `instrumented-adamw results`:", file=sys.stderr)
-        print("\n".join(diffs), file=sys.stderr)
-        return 1
-    verb = "differ" if args.check else "regenerated"
-    print(f"{args.docs}/results.md and {args.docs}/benchmarks.md: {verb if diffs else 'up to date'}")
     return 0
 
 
@@ -154,12 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--spacings", type=int, nargs="*", default=None, help="checkpoint spacings (default 250 500 1000)")
     ana.add_argument("--cls", default="Transmission")
     ana.set_defaults(func=_analyze)
-    res = sub.add_parser("results", help="regenerate docs/results.md and the GPU table of docs/benchmarks.md")
-    res.add_argument("--results", default="results", help="the committed results (default: results)")
-    res.add_argument("--docs", default="docs", help="where results.md and benchmarks.md are (default: docs)")
-    res.add_argument("--campaign", default="configs/campaign.yaml", help="the campaign, for what is pending")
-    res.add_argument("--check", action="store_true", help="write nothing; exit 1 if the docs are not up to date")
-    res.set_defaults(func=_results)
     return parser
 
 

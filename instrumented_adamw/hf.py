@@ -20,9 +20,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from ._extras import require
-from .monitor import ForceMonitor, Reading, as_tracked
-from .sinks import JsonlSink, Sink
+from instrumented_adamw.monitor import ForceMonitor, Reading, as_tracked
+from instrumented_adamw.sinks import JsonlSink, Sink
+from instrumented_adamw.utils.extras import require
 
 _callbacks = require("transformers.trainer_callback", "the Hugging Face Trainer callback")
 TrainerCallback, CallbackHandler = _callbacks.TrainerCallback, _callbacks.CallbackHandler

@@ -38,11 +38,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .forces import LAST_KEYS, QUANTITIES, ForceReadout
-from .sinks import FanOut, Sink
-from .taxonomy import classify_all
-from .tracking import ForceTracking, unwrap_optimizer
-from .weibull import fit_weibull
+from instrumented_adamw.optim.forces import LAST_KEYS, QUANTITIES, ForceReadout
+from instrumented_adamw.optim.tracking import ForceTracking, unwrap_optimizer
+from instrumented_adamw.sinks import FanOut, Sink
+from instrumented_adamw.taxonomy import classify_all
+from instrumented_adamw.weibull.fit import fit_weibull
 
 _COL = {q: i for i, q in enumerate(QUANTITIES)}
 _LR, _WD, _ULR = LAST_KEYS.index("lr"), LAST_KEYS.index("weight_decay"), LAST_KEYS.index("update_lr")
@@ -162,7 +162,7 @@ def aggregate_groups(readout: ForceReadout, groups: list[np.ndarray], numel: np.
 def as_tracked(optimizer):
     """What the monitor reads: an instrumented optimizer (unwrapped from accelerate & co), a HybridOptimizer, or a
     list of optimizers made into one; None if none of them is instrumented."""
-    from .hybrid import HybridOptimizer
+    from instrumented_adamw.optim.hybrid import HybridOptimizer
 
     if isinstance(optimizer, (list, tuple)):
         optimizer = HybridOptimizer(optimizer)
@@ -189,7 +189,7 @@ class ForceMonitor:
     Args:
         optimizer: an instrumented optimizer (``InstrumentedAdamW``, ``InstrumentedMuon``; tracking on), a wrapper
             around one (accelerate's ``AcceleratedOptimizer``, anything with ``.optimizer``), or several of them —
-            a list or a :class:`~instrumented_adamw.hybrid.HybridOptimizer` — read as one: one budget per class,
+            a list or a :class:`~instrumented_adamw.optim.hybrid.HybridOptimizer` — read as one: one budget per class,
             layer and tensor, each tensor entry naming the ``optimizer`` that moved it.
         model: optional; names tensors the optimizer knows only as ``group{g}.param{i}`` (built from
             ``model.parameters()``), and its ``config.model_type`` (HF models) picks the naming table of the

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import netcheck
-from .integrity import fsync_dir, truncate_durably, write_durably
+from instrumented_adamw.utils import netcheck
+from instrumented_adamw.utils.durable_io import fsync_dir, truncate_durably, write_durably
 
 KINDS = ("metrics", "forces", "weibull")
 
@@ -71,7 +71,7 @@ class JsonlSink:
     Resume-safe in two ways. ``resume_step=S`` drops every record with a step after ``S`` (written after the
     checkpoint the run continues from), parsing the files. ``marks`` (what :meth:`marks` returned when that checkpoint
     was saved) cuts each file back to exactly the bytes it had then: exact without parsing, and checkable first with
-    :func:`instrumented_adamw.integrity.check_prefix` (the trainer's way). Either way a torn last line (a kill
+    :func:`instrumented_adamw.utils.durable_io.check_prefix` (the trainer's way). Either way a torn last line (a kill
     mid-write) is dropped, so the resumed run writes each step exactly once and leaves no gap; a step not after the
     last one written raises instead of duplicating it. Without either, records are appended after the files' last.
     """

@@ -91,7 +91,7 @@ def assert_kernel_record_is_host_record(monkeypatch, device: str) -> None:
     equal tables after every step, and equal parameters, over what the table tracks: an lr schedule, a tensor left
     out by ``track_filter``, reads that reset the interval, steps skipped by GradScaler's found_inf, a non-finite
     gradient, and ``track_every`` leaving steps unmeasured."""
-    import instrumented_adamw.optim as optim_module
+    import instrumented_adamw.optim.adamw as optim_module
 
     def run(in_kernel: bool):
         monkeypatch.setattr(

@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy.interpolate import CubicSpline
 
-from instrumented_adamw import analysis as A
-from instrumented_adamw.report import load_run
+from instrumented_adamw.analysis import analyze as A
+from instrumented_adamw.analysis.report import load_run
 from train.config import load_config
 from train.loop import train
 
@@ -164,7 +164,7 @@ def test_robustness_analyses(run):
 
 def test_checkpoint_trajectory_from_local_hf_checkpoints(run):
     # Stand-ins for the published Pythia revisions: HF-format checkpoint directories of a real run.
-    from instrumented_adamw.schedules import warmup_cosine
+    from instrumented_adamw.optim.schedules import warmup_cosine
 
     sources = {s: run / "checkpoints" / f"step_{s:06d}" for s in (0, 50, 100, 150, 200)}
     cfg = load_config(run / "config.yaml")
@@ -196,8 +196,8 @@ def test_checkpoint_trajectory_from_local_hf_checkpoints(run):
 def test_published_pythia_checkpoints_offline_error(monkeypatch):
     import huggingface_hub.constants
 
-    from instrumented_adamw.diagnostics import HubUnavailableError
-    from instrumented_adamw.schedules import PYTHIA_WEIGHT_DECAY, pythia_lr
+    from instrumented_adamw.optim.schedules import PYTHIA_WEIGHT_DECAY, pythia_lr
+    from instrumented_adamw.weibull.diagnostics import HubUnavailableError
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     sources = A.pythia_checkpoints("EleutherAI/pythia-70m", steps=(1000, 2000, 4000))

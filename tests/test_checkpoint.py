@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from instrumented_adamw.integrity import read_manifest, verify_manifest, write_manifest
+from instrumented_adamw.utils.durable_io import read_manifest, verify_manifest, write_manifest
 from train import checkpoint as ckpt
 
 CONFIG = {"optim": {"lr": 0.1}, "run": {"name": "unit"}}

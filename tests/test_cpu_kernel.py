@@ -1,4 +1,4 @@
-"""The single-pass CPU kernel behind ``fused=True`` on CPU (``instrumented_adamw/cpu_adamw.c`` + ``cpu_adamw.py``).
+"""The single-pass CPU kernel behind ``fused=True`` on CPU (``instrumented_adamw/kernels/cpu_adamw.c`` + ``.py``).
 
 Bounds, and why:
 * parameters, moments and AMSGrad maxima: bitwise equal to torch's fused CPU AdamW. The kernel reproduces torch's
@@ -27,7 +27,8 @@ import pytest
 import torch
 from helpers import make_params, param_groups, set_grads, step_twins
 
-from instrumented_adamw import InstrumentedAdamW, cpu_adamw
+from instrumented_adamw import InstrumentedAdamW
+from instrumented_adamw.kernels import cpu_adamw
 
 SIZES = [4096, 1, 7, 15, 16, 17, 33, 100, 3 * 8192 + 5, 0]
 BETA2, EPS = 0.999, 1e-8
@@ -136,7 +137,7 @@ def _reduce3_reference(w, u):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_reduce3_reads_once_in_the_library_matches_float64_and_thread_count(dtype, monkeypatch):
-    from instrumented_adamw import reductions
+    from instrumented_adamw.kernels import reductions
 
     lib = cpu_adamw.library()
     assert lib is not None, "the library should build on this machine (gcc is installed)"
@@ -166,8 +167,8 @@ def test_reduce3_reads_once_in_the_library_matches_float64_and_thread_count(dtyp
 
 def test_reduce3_takes_torch_ops_where_the_library_cannot_read_the_tensors(fresh_kernel, monkeypatch):
     """Transposed, mixed-dtype and bf16 operands, and no library at all: the torch-op path, within its bound."""
-    from instrumented_adamw import reductions
-    from instrumented_adamw.forces import GAMMA_ROW
+    from instrumented_adamw.kernels import reductions
+    from instrumented_adamw.optim.forces import GAMMA_ROW
 
     g = torch.Generator().manual_seed(4)
     w = torch.randn(300, 70, generator=g)

@@ -2,7 +2,8 @@
 determinism, CUDA-graph capture and GradScaler skips, and a ``torch.compile`` training step with the kernel.
 Skipped without CUDA.
 
-Run this file alone on a GPU with ``TRITON_INTERPRET=0`` (``python -m train.evidence`` does): the CPU suite sets
+Run this file alone on a GPU with ``TRITON_INTERPRET=0`` (``python -m experiments.gpu_evidence`` does): the CPU suite
+sets
 the interpreter for the whole session (``conftest.py``, ``test_triton.py``), and an interpreted kernel on CUDA
 tensors would pass here without testing the compiled one — ``test_the_kernel_is_compiled_not_interpreted`` fails
 instead.
@@ -26,14 +27,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_the_kernel_is_compiled_not_interpreted():
-    from instrumented_adamw import triton_adamw
+    from instrumented_adamw.kernels import triton_adamw
 
     kernels = {n: type(o).__name__ for n, o in vars(triton_adamw).items() if type(o).__name__.endswith("Function")}
-    assert kernels, "no @triton.jit kernels found in instrumented_adamw.triton_adamw"
+    assert kernels, "no @triton.jit kernels found in instrumented_adamw.kernels.triton_adamw"
     interpreted = [n for n, kind in kernels.items() if kind == "InterpretedFunction"]
     assert not interpreted, (
         f"{interpreted} run in Triton's interpreter (TRITON_INTERPRET was set when triton was imported): run "
-        "`TRITON_INTERPRET=0 pytest tests/test_cuda.py` alone, or `python -m train.evidence run --parts checks`"
+        "`TRITON_INTERPRET=0 pytest tests/test_cuda.py` alone, or "
+        "`python -m experiments.gpu_evidence run --parts checks`"
     )
 
 
@@ -125,7 +127,7 @@ def test_cuda_kernel_misaligned_views_and_ragged_tails(dtype):
     # boundary and tails that are not a multiple of 16 bytes must run element by element, with the arithmetic of the
     # 16-byte path: elements within one rounding of the aligned run (expected equal), reductions within fp32
     # summation order (the two paths add a block in different orders).
-    from instrumented_adamw.triton_adamw import fused_adamw_reduce
+    from instrumented_adamw.kernels.triton_adamw import fused_adamw_reduce
 
     sizes = (2048, 1032, 4810, 1500, 5)  # full blocks, 16-byte tails, ragged tails, a tensor smaller than a block
     gen = torch.Generator().manual_seed(0)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from models import tiny_model
 
-from instrumented_adamw import diagnostics as dx
 from instrumented_adamw.cli import main
-from instrumented_adamw.weibull import fit_weibull, fit_weibull_histogram, half_normal_anchor
+from instrumented_adamw.weibull import diagnostics as dx
+from instrumented_adamw.weibull.fit import fit_weibull, fit_weibull_histogram, half_normal_anchor
 
 
 @pytest.fixture(scope="module")

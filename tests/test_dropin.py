@@ -17,9 +17,10 @@ from helpers import make_params, param_groups, set_grads, step_twins
 from models import tiny_model
 from torch.optim import lr_scheduler as sched
 
-from instrumented_adamw import InstrumentedAdamW, cpu_adamw, unwrap_optimizer
-from instrumented_adamw.forces import fp32_closure_bound
+from instrumented_adamw import InstrumentedAdamW, unwrap_optimizer
+from instrumented_adamw.kernels import cpu_adamw
 from instrumented_adamw.monitor import ForceMonitor
+from instrumented_adamw.optim.forces import fp32_closure_bound
 from instrumented_adamw.sinks import JsonlSink, read_jsonl
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -98,7 +99,7 @@ def test_cpu_steps_reuse_their_scratch_buffers():
 
 
 def test_uhat_is_written_into_the_kept_buffer_when_given_one():
-    from instrumented_adamw.functional import _uhat_raw
+    from instrumented_adamw.optim.functional import _uhat_raw
 
     m, v = torch.randn(5, 7), torch.rand(5, 7) + 0.1
     denom = v.sqrt().add_(1e-8)

@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 import yaml
 
-from instrumented_adamw.results import generate
-from instrumented_adamw.runs import load_run
-from train import bundle
-from train.campaign import (
+from experiments import bundle
+from experiments.compact_logs import compact_jsonl
+from experiments.campaign import (
     NAME,
     CampaignError,
     config_digest,
@@ -30,7 +29,9 @@ from train.campaign import (
     resolve,
     run_states,
 )
-from train.evidence import Log, ensure_tokens
+from experiments.gpu_evidence.window import EvidenceLog, ensure_tokens
+from experiments.results_doc import generate
+from instrumented_adamw.analysis.runs import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 CAMPAIGN = ROOT / "configs" / "campaign.yaml"
@@ -41,7 +42,7 @@ N_RUNS = len(yaml.safe_load((ROOT / "configs" / "campaign.yaml").read_text())["r
 
 def evidence(*args: str, tmp: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
-    cmd = [sys.executable, "-m", "train.evidence", "--results", str(tmp / "results"), *args]
+    cmd = [sys.executable, "-m", "experiments.gpu_evidence", "--results", str(tmp / "results"), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -236,7 +237,7 @@ def test_compact_logs_keep_nine_significant_digits(tmp_path):
     records = [dict(step=10, time=1732650000.1234567, classes={"T": dict(align=1.234567890123e-5, residual=None,
                     steps=10, share=0.1 + 0.2)})]  # fmt: skip
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
-    size = bundle.compact_jsonl(src, tmp_path / "forces.jsonl.xz")
+    size = compact_jsonl(src, tmp_path / "forces.jsonl.xz")
     (back,) = [json.loads(line) for line in lzma.decompress((tmp_path / "forces.jsonl.xz").read_bytes()).splitlines()]
     assert size == (tmp_path / "forces.jsonl.xz").stat().st_size
     assert back["time"] == 1732650000.123 and back["step"] == 10
@@ -294,13 +295,13 @@ def test_carried_tokens_are_unpacked_and_checked(tmp_path):
     (carry / "train.bin.xz").write_bytes(lzma.compress(train.tobytes()))
     (carry / "valid.bin").write_bytes(np.arange(10, dtype=np.uint16).tobytes())
     (carry / "tokens.json").write_text(json.dumps(dict(train_tokens=1000, valid_tokens=10)))
-    ensure_tokens(tmp_path, Log())
+    ensure_tokens(tmp_path, EvidenceLog())
     assert np.array_equal(np.fromfile(tokens / "train.bin", dtype=np.uint16), train)
     assert (tokens / "valid.bin").is_file() and (tokens / "tokens.json").is_file()
     (tokens / "train.bin").unlink()
     (carry / "tokens.json").write_text(json.dumps(dict(train_tokens=999)))
     with pytest.raises(RuntimeError, match="damaged"):
-        ensure_tokens(tmp_path, Log())
+        ensure_tokens(tmp_path, EvidenceLog())
     assert not (tokens / "train.bin").exists()
 
 
@@ -317,7 +318,8 @@ def test_prepare_packs_the_tokens_records_the_commit_and_checks_the_travel_size(
     subprocess.run([*git, "add", "configs"], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-qm", "x"], cwd=repo, check=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "train.evidence", "prepare"], cwd=repo, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "experiments.gpu_evidence", "prepare"], cwd=repo, env=env,
+                          capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     carry = repo / ".gpu" / "evidence"
@@ -327,7 +329,7 @@ def test_prepare_packs_the_tokens_records_the_commit_and_checks_the_travel_size(
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     assert commit["sha"] == sha and commit["dirty"] == []
     assert "MiB of the 64 MiB that may travel" in proc.stdout
-    assert '"carry": [\n  ".gpu/evidence"\n ]' in proc.stdout and "train.evidence run --out" in proc.stdout
+    assert '"carry": [\n  ".gpu/evidence"\n ]' in proc.stdout and "experiments.gpu_evidence run --out" in proc.stdout
 
 
 def test_make_target_is_the_documented_command():
@@ -335,7 +337,7 @@ def test_make_target_is_the_documented_command():
     env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     out = subprocess.run(["make", "--no-print-directory", "-n", "gpu-evidence", "OUT=/tmp/x", "BUDGET_S=300"], cwd=ROOT,
                          capture_output=True, text=True, check=True, env=env).stdout  # fmt: skip
-    assert '-m train.evidence run --out "/tmp/x" --budget 300 --parts checks,bench,runs' in out
+    assert '-m experiments.gpu_evidence run --out "/tmp/x" --budget 300 --parts checks,bench,runs' in out
     assert out.startswith("PYTHONPATH=. ")
 
 
@@ -351,9 +353,10 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in MISSING:
             raise ImportError(f"{name} is not installed on the GPU machine")
 sys.meta_path.insert(0, Block())
-import train.evidence, train.loop, train.data, train.models, train.checkpoint, train.pretokenize
-import instrumented_adamw.analysis, instrumented_adamw.report, instrumented_adamw.results, instrumented_adamw.cli
-from train.campaign import load_campaign
+import experiments.gpu_evidence.cli, train.loop, train.data, train.models, train.checkpoint, train.pretokenize
+import instrumented_adamw.analysis.analyze, instrumented_adamw.analysis.report, instrumented_adamw.cli
+import experiments.results_doc
+from experiments.campaign import load_campaign
 load_campaign("configs/campaign.yaml")
 print("ok")
 """
@@ -370,7 +373,8 @@ def test_a_kill_from_outside_stops_the_runs_and_still_leaves_a_bundle(tmp_path):
 
     work, out = tmp_path / "work", tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
-    cmd = [sys.executable, "-m", "train.evidence", "--results", str(tmp_path / "results"), "run", "--out", str(out),
+    cmd = [sys.executable, "-m", "experiments.gpu_evidence", "--results", str(tmp_path / "results"), "run",
+           "--out", str(out),
            "--budget", "300", "--parts", "runs", "--max-runs", "1", "--work", str(work)]  # fmt: skip
     driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
@@ -393,8 +397,8 @@ def test_a_kill_from_outside_stops_the_runs_and_still_leaves_a_bundle(tmp_path):
 
 
 def test_runs_wait_for_a_kernel_that_fails_its_checks(tmp_path):
-    from train.campaign import piece_folder, source_hash
-    from train.evidence import detect_device
+    from experiments.campaign import piece_folder, source_hash
+    from experiments.gpu_evidence.window import detect_device
 
     c = load_campaign(CAMPAIGN, ROOT)
     device = detect_device(force_dry=True)

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import pytest
 
-from train.budget import Budget, Item, Observation, RunProfile, Scheduler, SimJob, TimingModel, simulate, snapshot_count
+from experiments.scheduler import (
+    Budget,
+    Observation,
+    PendingRun,
+    RunProfile,
+    Scheduler,
+    SimulatedRun,
+    TimingModel,
+    simulate,
+    snapshot_count,
+)
 
 PRIORS = dict(startup_s=60, step_ms={"gpt_neox": 15.0}, snapshot_s=0.5, post_s=30, post_spline_s=60, gpu_mem_gib=16,
               snapshot_gib=0.3)  # fmt: skip
@@ -56,7 +66,7 @@ class World:
         world = self
         self.runs[name] = dict(phase="starting", left=self.startup_s, step=0.0, rc=None)
 
-        class Handle:
+        class RunHandle:
             def poll(self):
                 return world.runs[name]["rc"]
 
@@ -64,7 +74,7 @@ class World:
                 world.runs[name]["rc"] = -15
                 world.stopped.append(name)
 
-        return Handle()
+        return RunHandle()
 
     def observe(self, name: str) -> Observation:
         r = self.runs[name]
@@ -73,7 +83,7 @@ class World:
 
 def scheduler(world: World, names, budget_s, *, model=None, max_concurrent=3, **kw) -> Scheduler:
     budget = Budget(budget_s, reserve_s=10, clock=world.clock)
-    items = [Item(n, PROFILE) for n in names]
+    items = [PendingRun(n, PROFILE) for n in names]
     return Scheduler(items, budget, model or TimingModel(PRIORS), world, max_concurrent=max_concurrent,
                      sleep=world.sleep, log=lambda m: None, **kw)  # fmt: skip
 
@@ -100,14 +110,14 @@ def test_budget_and_prediction_arithmetic():
 
 def test_simulate_processor_sharing():
     # Two jobs with 100 s of solo work each, no start-up: at slowdown 2 both end at 200; at slowdown 1.25 at 125.
-    jobs = [SimJob("a", 0, 100, 10), SimJob("b", 0, 100, 5)]
+    jobs = [SimulatedRun("a", 0, 100, 10), SimulatedRun("b", 0, 100, 5)]
     assert simulate(0, jobs, lambda k: float(k)) == {"a": 210.0, "b": 205.0}
     assert simulate(0, jobs, lambda k: 1 + 0.25 * (k - 1)) == {"a": 135.0, "b": 130.0}
     # b starts 50 s later: a runs alone for 50 s (50 s of work), then both share.
-    late = simulate(0, [SimJob("a", 0, 100, 0), SimJob("b", 50, 100, 0)], lambda k: float(k))
+    late = simulate(0, [SimulatedRun("a", 0, 100, 0), SimulatedRun("b", 50, 100, 0)], lambda k: float(k))
     assert late["a"] == pytest.approx(150) and late["b"] == pytest.approx(200)
     # A probe trains 20 wall seconds and leaves: a is slowed only meanwhile.
-    probe = simulate(0, [SimJob("a", 0, 100, 0), SimJob("p", 0, 100, 0, probe_wall=20)], lambda k: float(k))
+    probe = simulate(0, [SimulatedRun("a", 0, 100, 0), SimulatedRun("p", 0, 100, 0, probe_wall=20)], lambda k: float(k))
     assert probe == {"a": pytest.approx(110)}
 
 
@@ -217,7 +227,7 @@ def test_a_run_waits_for_gpu_memory_and_disk():
     for kw, reason in ((dict(free_gpu_gib=lambda: 8.0), "GPU memory: 8.0 GiB free < 16 GiB"),
                        (dict(free_disk_gib=lambda: 10.0), "disk: 10.0 GiB free < 29.2 GiB of snapshots")):  # fmt: skip
         world = World()
-        s = Scheduler([Item("r1", spline)], Budget(900, clock=world.clock), TimingModel(PRIORS), world,
+        s = Scheduler([PendingRun("r1", spline)], Budget(900, clock=world.clock), TimingModel(PRIORS), world,
                       sleep=world.sleep, log=lambda m: None, **kw)  # fmt: skip
         (outcome,) = s.run()
         assert outcome.status == "not started" and reason in outcome.reason and not world.runs

@@ -12,9 +12,9 @@ import torch
 from models import tiny_model
 
 from instrumented_adamw import QUANTITIES, InstrumentedAdamW
-from instrumented_adamw.analysis import closed_loop
+from instrumented_adamw.analysis.analyze import closed_loop
+from instrumented_adamw.analysis.runs import load_run
 from instrumented_adamw.monitor import ForceMonitor
-from instrumented_adamw.runs import load_run
 from instrumented_adamw.sinks import JsonlSink, read_jsonl
 from train.config import ConfigError, load_config
 

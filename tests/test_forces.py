@@ -1,4 +1,4 @@
-"""The force arithmetic of ``instrumented_adamw/forces.py`` on its own, against values computed here.
+"""The force arithmetic of ``instrumented_adamw/optim/forces.py`` on its own, against values computed here.
 
 * ``forces_from_reductions``: every accepted form of the update lr (None, float, 0-d, one per row) gives the
   documented formulas, in float64, exactly (the same few operations; compared at 1e-15 relative).
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from instrumented_adamw import forces
-from instrumented_adamw.forces import LAST_KEYS, ForceStats, additive_columns, forces_from_reductions
+from instrumented_adamw.optim import forces
+from instrumented_adamw.optim.forces import LAST_KEYS, ForceStats, additive_columns, forces_from_reductions
 
 
 def _expected(red: torch.Tensor, lr: float, wd: float, eta_u: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,8 +1,8 @@
 """The CPU study's golden regression run: the first 150 steps of the rise-phase recipe, physics pinned.
 
-What is compared and why the tolerances are what they are: ``train/golden.py`` and ``tests/data/golden/``. A
+What is compared and why the tolerances are what they are: ``experiments/golden.py`` and ``tests/data/golden/``. A
 failure here means the optimizer, the data path (tokenizer, local text, batching), the model or the monitor now
-computes different physics; if the change is intended, regenerate with ``python -m train.golden --write`` and say
+computes different physics; if the change is intended, regenerate with ``python -m experiments.golden --write`` and say
 why in the commit.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from train import golden
+from experiments import golden
 
 
 def test_golden_rise_run_reproduces_forces_loss_and_lambda(tmp_path):

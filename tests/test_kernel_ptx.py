@@ -42,7 +42,7 @@ import pytest
 import torch
 
 import instrumented_adamw
-from instrumented_adamw.forces import TABLE_LAYOUT
+from instrumented_adamw.kernels.force_table import TABLE_LAYOUT
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install triton)", allow_module_level=True)
@@ -127,7 +127,7 @@ def compile_all(capability: int, out: Path) -> None:
     import triton
     from triton.runtime.driver import driver
 
-    from instrumented_adamw import triton_adamw
+    from instrumented_adamw.kernels import triton_adamw
 
     driver.set_active(_Target(capability))
     jobs = [

@@ -14,8 +14,8 @@ from models import tiny_model
 from wandb_reader import history, run_file
 
 from instrumented_adamw import InstrumentedAdamW
+from instrumented_adamw.analysis.report import PAPER_BUDGET, load_run, make_report, share_table
 from instrumented_adamw.monitor import ForceMonitor
-from instrumented_adamw.report import PAPER_BUDGET, load_run, make_report, share_table
 from instrumented_adamw.sinks import FanOut, JsonlSink, TensorBoardSink, WandbSink, read_jsonl
 from train.config import load_config
 from train.loop import train

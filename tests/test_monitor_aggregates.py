@@ -154,8 +154,8 @@ def test_shares_are_fractions_of_the_absolute_budget():
 
 
 def test_aggregate_residual_share_and_empty_selection_follow_their_definitions():
-    from instrumented_adamw.forces import ForceReadout, ForceStats, forces_from_reductions
     from instrumented_adamw.monitor import aggregate
+    from instrumented_adamw.optim.forces import ForceReadout, ForceStats, forces_from_reductions
 
     stats = ForceStats(torch.device("cpu"))
     stats.add_rows(["a", "b"])
@@ -210,7 +210,7 @@ def test_monitor_defaults_and_bad_intervals():
 def _one_tensor_readout(red, lr, unmeasured=False, w_sq_now=0.1):
     """The read-out of one tensor after one step with reductions ``red`` = [⟨W,û⟩, ‖û‖², ‖W‖²] (λ = 0.1), recorded
     by the real force table; ``unmeasured`` adds a step that moved W unmeasured."""
-    from instrumented_adamw.forces import ForceReadout, ForceStats, forces_from_reductions
+    from instrumented_adamw.optim.forces import ForceReadout, ForceStats, forces_from_reductions
 
     stats = ForceStats(torch.device("cpu"))
     stats.add_rows(["a"])
@@ -241,7 +241,7 @@ def test_aggregate_guards_small_values_and_open_books():
 def test_per_tensor_sums_carry_every_count_between_entries():
     """With per_tensor_every > log_every, a read's per-tensor entry adds the pending sums of the reads since the last
     entry: each quantity, steps, nonfinite and unmeasured steps and the residual into its own column."""
-    from instrumented_adamw.forces import ForceReadout
+    from instrumented_adamw.optim.forces import ForceReadout
 
     w = torch.nn.Parameter(torch.randn(3, 3))
     mon = ForceMonitor(InstrumentedAdamW([("w", w)], lr=1e-2), log_every=10, per_tensor_every=20)
@@ -291,8 +291,8 @@ def test_model_type_comes_from_the_model_unless_given():
 def test_groups_aggregated_together_equal_each_alone_and_do_not_mix():
     """``aggregate_groups`` (a log's classes and layers in one pass) gives each set what it gives that set alone,
     with empty sets among them and a tensor whose last step is NaN/inf outside the set, which must not leak in."""
-    from instrumented_adamw.forces import ForceReadout
     from instrumented_adamw.monitor import aggregate, aggregate_groups
+    from instrumented_adamw.optim.forces import ForceReadout
 
     rng = np.random.default_rng(0)
     n, q = 5, len(QUANTITIES)

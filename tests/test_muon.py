@@ -170,7 +170,7 @@ def test_track_every_and_residual_bookkeeping_are_shared():
 
 
 def test_without_torch_muon_the_error_names_the_version(monkeypatch):
-    import instrumented_adamw.muon as M
+    import instrumented_adamw.optim.muon as M
 
     monkeypatch.setattr(M, "_TorchMuon", None)
     with pytest.raises(ImportError, match=r"torch>=2\.9"):

@@ -23,7 +23,7 @@ import pytest
 import torch
 from helpers import SHAPES, reference_reductions, set_grads, twin_optimizers
 
-from instrumented_adamw.forces import fp32_closure_bound
+from instrumented_adamw.optim.forces import fp32_closure_bound
 
 PATHS = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 STEPS = 200
@@ -144,7 +144,7 @@ def test_interval_residual_is_the_exact_rounding_of_the_interval(path):
 
 
 def test_shapes_cover_row_tail_and_tiny_tensor():
-    from instrumented_adamw.reductions import ROW
+    from instrumented_adamw.kernels.reductions import ROW
 
     sizes = [int(np.prod(s)) for s in SHAPES.values()]
     assert any(n % ROW and n > ROW for n in sizes) and any(n < ROW for n in sizes)
@@ -153,7 +153,7 @@ def test_shapes_cover_row_tail_and_tiny_tensor():
 def test_read_norms_are_float64_sums_of_squares_for_every_dtype():
     """The read-out's ‖W‖² (one multi-tensor norm per device) against sums of float64 squares: ~1e-12 relative
     for fp32, bf16 and float64 tensors of any shape, zero for an empty one."""
-    from instrumented_adamw.reductions import sq_norms_exact
+    from instrumented_adamw.kernels.reductions import sq_norms_exact
 
     g = torch.Generator().manual_seed(3)
     tensors = [
@@ -173,8 +173,8 @@ def test_read_norms_of_plain_cpu_tensors_take_the_c_library(monkeypatch):
     """Contiguous float32/float64 CPU tensors (the CPU study's parameters) are summed by the C library's one-read
     reduction, exact float64 products (1e-14 of the float64 sum); a list with any other tensor (a view, bf16)
     keeps torch's float64 norm."""
-    from instrumented_adamw import cpu_adamw
-    from instrumented_adamw.reductions import sq_norms_exact
+    from instrumented_adamw.kernels import cpu_adamw
+    from instrumented_adamw.kernels.reductions import sq_norms_exact
 
     lib = cpu_adamw.library()
     assert lib is not None, "the C library did not build here: cpu_adamw.status() says why"

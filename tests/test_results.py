@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from instrumented_adamw import results as R
-from instrumented_adamw.cli import main as cli
+from experiments import results_doc as R
+from experiments.results_doc.__main__ import main as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 CAMPAIGN = ROOT / "configs" / "campaign.yaml"
@@ -20,7 +20,7 @@ DRY = ROOT / "results" / "dry_run"
 
 def test_the_docs_are_what_the_committed_results_give():
     diffs = R.generate(ROOT / "results", ROOT / "docs", CAMPAIGN, check=True)
-    assert diffs == [], "run `instrumented-adamw results` (make results) and commit docs/:\n" + "\n".join(diffs)
+    assert diffs == [], "run `make results` and commit docs/:\n" + "\n".join(diffs)
 
 
 def test_the_committed_dry_run_is_labelled_and_not_evidence():
@@ -106,7 +106,7 @@ def test_results_command_checks_and_regenerates(tmp_path, capsys):
     docs.mkdir()
     shutil.copy(ROOT / "docs" / "benchmarks.md", docs / "benchmarks.md")
     (docs / "results.md").write_text("stale\n")
-    args = ["results", "--results", str(ROOT / "results"), "--docs", str(docs), "--campaign", str(CAMPAIGN)]
+    args = ["--results", str(ROOT / "results"), "--docs", str(docs), "--campaign", str(CAMPAIGN)]
     assert cli([*args, "--check"]) == 1
     assert "docs differ" in capsys.readouterr().err and (docs / "results.md").read_text() == "stale\n"
     assert cli(args) == 0

@@ -13,7 +13,7 @@ from instrumented_adamw import InstrumentedAdamW
 from instrumented_adamw.monitor import ForceMonitor, equilibrium_norm
 from instrumented_adamw.sinks import JsonlSink, read_jsonl
 from train.config import load_config
-from train.schedule import lr_at
+from train.loop import lr_at
 
 ROOT = Path(__file__).resolve().parent.parent
 

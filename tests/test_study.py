@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from instrumented_adamw import study_results as S
-from instrumented_adamw.runs import load_run
-from train import study
+from experiments import cpu_study as study
+from experiments.results_doc import cpu_study_sections as S
+from instrumented_adamw.analysis.runs import load_run
 from train.config import load_config
 from train.loop import train
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from train.config import Config, ConfigError, dump_config, load_config
-from train.schedule import lr_at
+from train.loop import lr_at
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load_file
 
 from instrumented_adamw import InstrumentedAdamW
-from instrumented_adamw.integrity import check_prefix, file_mark, verify_manifest
 from instrumented_adamw.sinks import KINDS, JsonlSink, read_jsonl
+from instrumented_adamw.utils.durable_io import check_prefix, file_mark, verify_manifest
 from train import checkpoint as ckpt
-from train import faults
+from train import failpoints as faults
 from train.config import load_config
 from train.loop import NonFiniteError, summary_line, train
 from train.rundir import ConfigChangedError, RunDirError, RunLockedError, run_lock
@@ -325,7 +325,7 @@ def test_damaged_config_yaml_and_env_json_are_rewritten(reference, tmp, how, cap
 @pytest.mark.parametrize("how", ["cut", "flip"])
 @pytest.mark.parametrize("name", SNAPSHOT_FILES)
 def test_damaged_snapshot_is_detected_on_load_and_reported(reference, tmp, name, how, capsys):
-    from instrumented_adamw.analysis import _load_snapshot
+    from instrumented_adamw.analysis.analyze import _load_snapshot
 
     run = copy_of(reference, tmp, f"snap-{name}-{how}")
     snap = run / "checkpoints" / "step_000020"

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from instrumented_adamw import netcheck
+from instrumented_adamw.utils import netcheck
 from train.loop import DeviceUnavailableError, resolve_device
 from train.models import PretrainedUnavailableError, load_pretrained
 from train.sweep import parse_args

@@ -70,7 +70,7 @@ def test_short_run_learns_and_writes_a_complete_run_directory(reference_run):
     # Exact bookkeeping: the forces integrate to the change of ‖W‖² up to fp32 rounding, at most the per-step
     # fp32_closure_bound summed over the interval (at the interval's mean ‖W‖², ‖û‖² and the peak lr: the bound grows
     # with each), and a residual forced to zero would not pass: it is that rounding, so it is not exactly 0.
-    from instrumented_adamw.forces import fp32_closure_bound
+    from instrumented_adamw.optim.forces import fp32_closure_bound
 
     n = tensor["steps"]
     cfg = load_config(run / "config.yaml")
@@ -82,7 +82,7 @@ def test_short_run_learns_and_writes_a_complete_run_directory(reference_run):
     k0 = [b["k"] for b in weibull[0]["blocks"] if b["cls"] == "Transmission"]
     assert all(abs(k - 1.2054) < 0.05 for k in k0)  # Gaussian init sits at the half-normal anchor
     # The logged fits follow the protocol exactly (mid-80: trim 0.1): refit the step-0 snapshot independently.
-    from instrumented_adamw.weibull import fit_weibull
+    from instrumented_adamw.weibull.fit import fit_weibull
 
     init = load_file(run / "checkpoints" / "step_000000" / "model.safetensors")
     for b in weibull[0]["blocks"]:

@@ -34,8 +34,8 @@ from helpers import (  # noqa: E402
 )
 
 from instrumented_adamw import InstrumentedAdamW  # noqa: E402
-from instrumented_adamw.functional import StackedReductions  # noqa: E402
-from instrumented_adamw.triton_adamw import fused_adamw_reduce  # noqa: E402
+from instrumented_adamw.kernels.triton_adamw import fused_adamw_reduce  # noqa: E402
+from instrumented_adamw.optim.functional import StackedReductions  # noqa: E402
 
 # Against BLOCK = 1024: full blocks only; a tail of 8 (16 bytes in bf16); tails that are a multiple of 16 bytes in
 # fp32 but not in bf16 (1500) or in neither (4810, 5); one element; empty. Aligned tensors take the kernel's 16-byte

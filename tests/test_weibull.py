@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy import stats
 
-from instrumented_adamw.weibull import (
+from instrumented_adamw.weibull.fit import (
     CHUNK,
     HAZEN_CACHE,
     HIST_BINS,
@@ -509,7 +509,7 @@ def test_int_and_bf16_inputs():
 @pytest.mark.parametrize("fit", ["fit_weibull", "fit_weibull_histogram"])
 def test_nonfinite_weights_are_refused_not_fitted(bad, fit):
     """A NaN counted as nonzero but dropped by ``a > 0`` once made N and the sample disagree: a finite, wrong k."""
-    import instrumented_adamw.weibull as W
+    import instrumented_adamw.weibull.fit as W
 
     w = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     w[:10] = 0.0

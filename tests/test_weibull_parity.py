@@ -24,8 +24,8 @@ from npm_weibull import (
     weibull_fit,
 )
 
-from instrumented_adamw import diagnostics as dx
-from instrumented_adamw.weibull import HIST_BINS, HIST_LOG10_RANGE, fit_weibull, fit_weibull_histogram
+from instrumented_adamw.weibull import diagnostics as dx
+from instrumented_adamw.weibull.fit import HIST_BINS, HIST_LOG10_RANGE, fit_weibull, fit_weibull_histogram
 
 TRIMS = {0.1: "mid_80", 0.05: "mid_90", 0.0: "full_range"}
 

@@ -37,115 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: Module -> the test files that cover it, fastest and most sensitive first (``-x`` stops at the first failure).
-TARGETS = {
-    "instrumented_adamw/forces.py": [
-        "tests/test_forces.py", "tests/test_behaviour.py", "tests/test_dropin.py", "tests/test_monitor_aggregates.py",
-        "tests/test_parity.py", "tests/test_muon.py",
-    ],
-    "instrumented_adamw/optim.py": [
-        "tests/test_behaviour.py", "tests/test_dropin.py", "tests/test_torch_optim_db.py", "tests/test_parity.py",
-        "tests/test_steady_state.py", "tests/test_cpu_kernel.py", "tests/test_triton.py",
-    ],
-    "instrumented_adamw/functional.py": [
-        "tests/test_behaviour.py", "tests/test_parity.py", "tests/test_torch_optim_db.py", "tests/test_dropin.py",
-    ],
-    "instrumented_adamw/monitor.py": [
-        "tests/test_monitor_aggregates.py", "tests/test_steady_state.py", "tests/test_dropin.py",
-        "tests/test_monitor.py", "tests/test_evidence_logging.py",
-    ],
-    "instrumented_adamw/weibull.py": [
-        "tests/test_weibull.py", "tests/test_weibull_parity.py", "tests/test_diagnostics.py",
-    ],
-    "train/checkpoint.py": ["tests/test_checkpoint.py", "tests/test_train_faults.py", "tests/test_train_loop.py"],
-}  # fmt: skip
-
-#: Equivalent mutants: changes no test can observe because the program computes the same values (a shortcut for
-#: zero weight decay, where x·(1 − lr·0) is x bitwise), or that differ only on hardware this suite cannot run (CUDA
-#: branches, covered by tests/test_cuda.py on a GPU). Keyed by the module, the stripped source line and the change;
-#: each is listed in the report with its reason and left out of the kill rate's denominator. A sixth element, the
-#: mutant's ``nth``, picks one of several equal changes on one line (two ``1 - trim`` on a line, say).
-_ON_ACCELERATORS = "the branch for steps on an accelerator (CPU steps take the other one): tests/test_cuda.py"
-_ZERO_DECAY = "decay by 1 − lr·0 multiplies by 1.0 exactly: the shortcut saves a pass, not a value"
-_W = "instrumented_adamw/weibull.py"
-_C = "train/checkpoint.py"
-_O = "instrumented_adamw/optim.py"
-_FURTHER_OUT = "a start one rank further out: the loop that follows walks to the same exact rank"
-_ABOVE_TRIM = "lower ≤ 1: the changed clip moves only bins above 1 − trim, of weight ≤ 0, dropped either way"
-#: weibull.py source lines holding several listed mutants.
-_LO = "lo = max(1, math.ceil(trim * n + 0.5) - 1)"
-_HI = "hi = min(n, math.floor((1 - trim) * n + 0.5) + 1)"
-_HI_LOOP = "while hi >= 1 and position(hi) > 1 - trim:"
-_SPREAD = "if not cxx > 1e-12 * max(abs(sxx), 1e-300):"
-_CLIP = "f_lo, f_hi = np.clip(lower, trim, 1 - trim), np.clip(upper, trim, 1 - trim)"
-_QUAD_CALL = "return integrate.quad(g, a, b, limit=200, epsabs=1e-13, epsrel=1e-12)[0] / (b - a)"
-_HI_STOPS = "position(1) = 0.5/n ≤ 0.5 < 1 − trim, so the loop stops before hi reaches 1 either way"
-_QUAD = "the anchors' quadrature tolerances: the anchors move by ≤ 1.2e-13 relative, below every test's tolerance"
-EQUIVALENT = {
-    ("instrumented_adamw/forces.py", "recorded, 0.0, block[:, _UNMEASURED_SINCE_LAST] + unmeasured.double()",
-     "operator", "Add", "Sub"): "the count is only ever compared with zero, and a count of −n is as nonzero as n",
-    ("instrumented_adamw/functional.py", "if weight_decay != 0:", "constant", "0", "1"): _ZERO_DECAY,
-    ("instrumented_adamw/functional.py", "torch._foreach_add_(device_state_steps, 1)", "remove_call",
-     "torch._foreach_add_(device_state_steps, 1)", "pass"): _ON_ACCELERATORS,
-    ("instrumented_adamw/functional.py", "torch._foreach_add_(device_state_steps, 1)", "constant", "1", "2"):
-        _ON_ACCELERATORS,
-    # weibull.py: the trim ranks. The closed-form start is refined by the loops to the exact rank, so a start one
-    # rank further out (never inside) gives the same [lo, hi]; a start inside is caught by the rank tests.
-    (_W, _LO, "constant", "1", "2", 1): _FURTHER_OUT,
-    (_W, _LO, "operator", "Add", "Sub"): _FURTHER_OUT,
-    (_W, _LO, "constant", "0.5", "1.0"): _FURTHER_OUT,
-    (_W, _HI, "constant", "1", "2", 0): _FURTHER_OUT,
-    (_W, _HI, "constant", "0.5", "1.0"): _FURTHER_OUT,
-    (_W, "while lo <= n and position(lo) < trim:", "compare0", "LtE", "Lt"):
-        "position(n) = (n − 0.5)/n ≥ 0.5 > trim, so the loop stops before lo reaches n either way",
-    (_W, _HI_LOOP, "compare0", "GtE", "Gt"):
-        _HI_STOPS,
-    (_W, _HI_LOOP, "constant", "1", "2", 0):
-        _HI_STOPS,
-    (_W, "if a.numel() <= chunk:", "compare0", "LtE", "Lt"):
-        "a tensor of exactly one chunk: the chunked branch yields that one piece, the same values",
-    (_W, "w: Tensor, who: str, center: bool = False, dtype: torch.dtype | None = None", "constant", "False", "True"):
-        "both callers pass center, so the default is never used",
-    (_W, "sum_sq = sum_abs = 0.0", "constant", "0.0", "1.0"): "with no elements n = 0 raises before the sums are read",
-    (_W, "if n < total:", "compare0", "Lt", "LtE"):
-        "without zeros (n = total) the filter a[a > 0] keeps every element: the same tensor (non-finite input raises)",
-    (_W, _SPREAD, "compare0", "Gt", "GtE"):
-        "differs only where cxx equals 1e-12·|sxx| exactly, a floating-point tie no data can be aimed at",
-    (_W, _SPREAD, "constant", "1e-300", "2e-300"):
-        "the floor applies only when sxx = 0 exactly, and then cxx = 0 raises either way",
-    (_W, _CLIP, "operator", "Sub", "Add", 0): _ABOVE_TRIM,
-    (_W, _CLIP, "constant", "1", "2", 0): _ABOVE_TRIM,
-    (_W, "keep = (weight > 0) & (counts > 0)", "compare0", "Gt", "GtE", 1):
-        "weight > 0 already implies counts > 0: an empty bin has lower = upper exactly",
-    **{(_W, _QUAD_CALL, "constant", a, b): _QUAD for a, b in (("200", "201"), ("1e-13", "2e-13"), ("1e-12", "2e-12"))},
-    (_W, "cxy = mean(lambda f: (x(f) - mx) * (y(f) - my))", "operator", "Sub", "Add"):
-        "(x + mx)(y − my) = cxy + 2·mx·mean(y − my), and mean(y − my) = 0 (likewise for y): ≤ 1e-13 apart",
-    # optim.py: guards whose other branch is caught again further on
-    (_O, 'if isinstance(group["lr"], Tensor) or isinstance(group["betas"][0], Tensor):', "constant", "0", "1"):
-        "torch accepts betas only both floats or both tensors: betas[1] tells what betas[0] does",
-    (_O, '_, foreach = _default_to_fused_or_foreach(params, group["differentiable"], use_fused=False)', "constant",
-     "False", "True"): "only the helper's second result (foreach) is read; use_fused changes the first",
-    (_O, "others = [ts[i] for ts in local[1 : 5 if amsgrad else 4]]", "constant", "5", "6"):
-        "local holds five lists: the slice to 6 is the slice to 5",
-    (_O, "params = local[0]  # then grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs", "constant", "0", "1"):
-        "the grads stand in for the params: same device and dtype, and a non-contiguous param has non-contiguous "
-        "moments (created like it), which the loop checks",
-    (_O, 'if p.device.type != "cpu" or not p.is_contiguous() or p.is_complex():', "boolop", "Or", "And"):
-        "each case is refused again below: the first tensor's device, the moments' strides (created like the param), "
-        "no complex dtype served",
-    # train/checkpoint.py
-    (_C, "STATE_FORMAT = 2", "constant", "2", "3"):
-        "a version tag the writer and the reader share: any value reads what it writes (other versions are refused "
-        "by design, and no state of an older format is committed to test against)",
-    (_C, "model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)", "constant", "True", "False"):
-        "transformers 5 writes safetensors either way (under 4.x test_snapshot_is_a_verified_hf_directory kills it)",
-    (_C, "p.mkdir(exist_ok=True)", "constant", "True", "False"):
-        "the directory was just found missing: only another process creating it in between could tell",
-    (_C, "elif pointer != directory.name and dir_step(Path(pointer)) < state.step:", "compare0", "Lt", "LtE"):
-        "equal steps under different names: step_name never writes two names for one step",
-    (_C, "local = [t for t in local if t.is_floating_point() and t.numel()]", "boolop", "And", "Or"):
-        "integer and empty tensors are always finite: checking them too changes no answer",
-}  # fmt: skip
+from mutation_server import Runner, child_env, run_mutant  # noqa: E402 - beside this script
+from mutation_targets import EQUIVALENT, TARGETS  # noqa: E402
 
 #: Calls whose removal or mutation a test cannot observe by design (output for people, not for programs).
 _SILENT_CALLS = {"print", "warn", "warning", "info", "debug", "write_text_note"}
@@ -427,7 +320,7 @@ def _coverage_cached(
         if kept["digest"] == digest.hexdigest():
             return {int(k): set(v) for k, v in kept["by_line"].items()}, kept["seconds"]
     t0 = time.perf_counter()
-    by_line = covering_tests(module, tests, workdir, _env(workdir, threads))
+    by_line = covering_tests(module, tests, workdir, child_env(workdir, threads))
     seconds = time.perf_counter() - t0
     cache.write_text(json.dumps({"digest": digest.hexdigest(), "seconds": seconds,
                                  "by_line": {k: sorted(v) for k, v in by_line.items()}}))  # fmt: skip
@@ -464,125 +357,6 @@ def _apply(node: ast.AST, kind: str, after: str) -> None:
         node.value = ast.Constant(value=None)
 
 
-def _env(workdir: Path, threads: int) -> dict[str, str]:
-    """The environment of a test run in ``workdir``: its copy first on the path, and ``threads`` OpenMP threads.
-
-    Parallel workers must not oversubscribe the cores: OpenMP threads spin at every barrier, and two processes of
-    two spinning threads each on 2 cores turned a 60 s test file into a 300 s timeout (a false kill)."""
-    return dict(os.environ, PYTHONPATH=str(workdir), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS=str(threads))
-
-
-#: Imported once per worker, before any mutant: a mutant's run then starts in a forked copy of a process that has
-#: them (pytest's start and these imports were 3-7 s of a 7.5 s kill). Only third-party packages: the project's
-#: own modules must be imported fresh from the mutated copy, and its torch.library operators registered once.
-_PRELOAD = ("numpy", "scipy.stats", "torch", "torch._dynamo", "transformers", "yaml", "pytest", "_pytest.pytester")
-
-
-class Runner:
-    """A pytest server for one repository copy: each run forks it, so the heavy imports are paid once.
-
-    The server (``python tools/mutate.py --serve``) reads one JSON request per line and answers with the exit code;
-    the forked child runs ``pytest.main`` with its output in a log file, and is killed at the timeout.
-    """
-
-    def __init__(self, workdir: Path, threads: int) -> None:
-        self.workdir = workdir
-        self.threads = threads
-        self.proc: subprocess.Popen | None = None
-
-    def _start(self) -> subprocess.Popen:
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--serve"], cwd=self.workdir,
-                env=_env(self.workdir, self.threads), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
-        return self.proc
-
-    def run(self, tests: list[str], timeout: float) -> tuple[int | None, str]:
-        """(pytest's exit code, or None at the timeout; its output)."""
-        log = self.workdir / ".mutant.log"
-        proc = self._start()
-        proc.stdin.write(json.dumps({"tests": tests, "timeout": timeout, "log": str(log)}) + "\n")
-        proc.stdin.flush()
-        answer = proc.stdout.readline()
-        if not answer:  # the server died: start a new one next time
-            self.proc = None
-            return -1, "the test server exited"
-        return json.loads(answer)["rc"], log.read_text(errors="replace") if log.exists() else ""
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=30)
-
-
-def serve() -> None:
-    """The loop of :class:`Runner`'s server (run in the copy, with its environment)."""
-    import importlib
-    import signal
-
-    for name in _PRELOAD:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
-    for line in sys.stdin:
-        request = json.loads(line)
-        sys.stdout.flush()
-        pid = os.fork()
-        if pid == 0:  # the child: output to the log, a fresh import of the project, one pytest session
-            fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            code = 3
-            try:
-                import pytest
-
-                code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-p", "no:logging", *request["tests"]]))
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        # Time runs while this loop does: a harness paused with SIGSTOP (to time a benchmark on a quiet machine)
-        # and continued does not turn the paused runs into timeouts.
-        waited, last, rc = 0.0, time.monotonic(), None
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                rc = os.waitstatus_to_exitcode(status)
-                break
-            now = time.monotonic()
-            waited, last = waited + min(now - last, 1.0), now
-            if waited > request["timeout"]:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                break
-            time.sleep(0.05)
-        print(json.dumps({"rc": rc}), flush=True)
-
-
-def run_mutant(mutant: Mutant, tree: ast.Module, runner: Runner, tests: list[str], timeout: float) -> Mutant:
-    """Run ``tests`` (files or test ids) against ``mutant`` written into the runner's copy of its module."""
-    target = runner.workdir / mutant.module
-    original = target.read_text()
-    target.write_text(ast.unparse(ast.fix_missing_locations(tree)) + "\n")
-    t0 = time.perf_counter()
-    try:
-        rc, output = runner.run(tests, timeout)
-        if rc is None:
-            mutant.status = "timeout"  # an infinite loop or a hang: counted as killed (the suite notices)
-        elif rc in (0, 1, 2):  # passed; a test failed; interrupted, e.g. the mutant broke collection (a kill)
-            mutant.status = "survived" if rc == 0 else "killed"
-        else:
-            mutant.status = "error"
-        failed = [line for line in output.splitlines() if line.startswith("FAILED")]
-        mutant.killer = failed[0][7:90] if failed else ""
-    finally:
-        target.write_text(original)
-    mutant.seconds = time.perf_counter() - t0
-    return mutant
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python tools/mutate.py", description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", default=list(TARGETS), help=f"default: {' '.join(TARGETS)}")
@@ -600,11 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="print the table and the surviving mutants of OUT/report.json (markdown); run nothing",
     )
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.serve:
-        serve()
-        return 0
     if args.report:
         kept = [
             Mutant(**{**d, "lines": tuple(d["lines"])})
@@ -620,13 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         verdicts = [Mutant(**{**d, "lines": tuple(d["lines"])}) for d in json.loads(report.read_text())]
         earlier = carried_verdicts(verdicts, args.modules, args.retest)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    copies = []
-    for j in range(args.jobs):  # one copy of the repository per worker: mutants never share a file
-        d = Path(tempfile.mkdtemp(prefix=f"mutate{j}-"))
-        for part in ("instrumented_adamw", "train", "tests", "configs", "pyproject.toml"):
-            src = ROOT / part
-            (shutil.copytree if src.is_dir() else shutil.copy)(src, d / part)
-        copies.append(d)
+    copies = [_copy_repository(j) for j in range(args.jobs)]  # one per worker: mutants never share a file
     results: list[Mutant] = [m for m in earlier.values() if m.module not in args.modules]
     free: queue.Queue[Runner] = queue.Queue()
     for d in copies:
@@ -639,46 +403,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         for module in args.modules:
-            tests = TARGETS[module]
-            mutants = enumerate_mutants(module)
-            if args.limit:
-                mutants = mutants[: args.limit]
-            kept = [_moved(earlier[_key(m)], m) for m, _ in mutants if _key(m) in earlier and m.status != "equivalent"]
-            results.extend(kept)
-            results.extend(m for m, _ in mutants if m.status == "equivalent")  # listed, never run
-            mutants = [(m, tree) for m, tree in mutants if _key(m) not in earlier and m.status != "equivalent"]
-            if not mutants:
-                print(f"{module}: all {len(kept)} verdicts kept from {report}")
-                continue
-            try:
-                by_line, seconds = _coverage_cached(module, tests, copies[0], threads, out)
-            except RuntimeError as err:
-                print(err, file=sys.stderr)
+            if not _run_module(module, args, earlier, results, copies[0], threads, free, save):
                 return 2
-            timeout = 3 * seconds + 60  # the coverage run is slower than any mutant's
-            print(
-                f"{module}: {len(mutants)} mutants against {len(tests)} test files (timeout {timeout:.0f} s)"
-                + (f", {len(kept)} verdicts kept" if kept else ""),
-                flush=True,
-            )
-
-            def task(m, tree, tests=tests, timeout=timeout, by_line=by_line):
-                selected = select_tests(m, by_line, tests)
-                m.tests = 0 if selected is tests else len(selected)
-                runner = free.get()  # a copy runs one mutant at a time
-                try:
-                    return run_mutant(m, tree, runner, selected, timeout)
-                finally:
-                    free.put(runner)
-
-            with ThreadPoolExecutor(args.jobs) as pool:
-                futures = [pool.submit(task, m, tree) for m, tree in mutants]
-                for f in futures:
-                    m = f.result()
-                    results.append(m)
-                    save()
-                    if m.status not in ("killed", "timeout"):
-                        print(f"  {m.status} {m.module}:{m.line} {m.kind} {m.before} -> {m.after}", flush=True)
     finally:
         while not free.empty():
             free.get().close()
@@ -686,6 +412,61 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(d, ignore_errors=True)
     print(summary(results))
     return 0
+
+
+def _copy_repository(j: int) -> Path:
+    d = Path(tempfile.mkdtemp(prefix=f"mutate{j}-"))
+    for part in ("instrumented_adamw", "train", "experiments", "tests", "configs", "pyproject.toml"):
+        src = ROOT / part
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, d / part)
+    return d
+
+
+def _run_module(module: str, args, earlier: dict, results: list[Mutant], coverage_copy: Path, threads: int,
+                free: queue.Queue, save) -> bool:  # fmt: skip
+    """Every mutant of ``module`` without a kept verdict, ``args.jobs`` at a time; False if coverage failed."""
+    out, report = Path(args.out), Path(args.out) / "report.json"
+    tests = TARGETS[module]
+    mutants = enumerate_mutants(module)
+    if args.limit:
+        mutants = mutants[: args.limit]
+    kept = [_moved(earlier[_key(m)], m) for m, _ in mutants if _key(m) in earlier and m.status != "equivalent"]
+    results.extend(kept)
+    results.extend(m for m, _ in mutants if m.status == "equivalent")  # listed, never run
+    mutants = [(m, tree) for m, tree in mutants if _key(m) not in earlier and m.status != "equivalent"]
+    if not mutants:
+        print(f"{module}: all {len(kept)} verdicts kept from {report}")
+        return True
+    try:
+        by_line, seconds = _coverage_cached(module, tests, coverage_copy, threads, out)
+    except RuntimeError as err:
+        print(err, file=sys.stderr)
+        return False
+    timeout = 3 * seconds + 60  # the coverage run is slower than any mutant's
+    print(
+        f"{module}: {len(mutants)} mutants against {len(tests)} test files (timeout {timeout:.0f} s)"
+        + (f", {len(kept)} verdicts kept" if kept else ""),
+        flush=True,
+    )
+
+    def task(m, tree):
+        selected = select_tests(m, by_line, tests)
+        m.tests = 0 if selected is tests else len(selected)
+        runner = free.get()  # a copy runs one mutant at a time
+        try:
+            return run_mutant(m, tree, runner, selected, timeout)
+        finally:
+            free.put(runner)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(task, m, tree) for m, tree in mutants]
+        for f in futures:
+            m = f.result()
+            results.append(m)
+            save()
+            if m.status not in ("killed", "timeout"):
+                print(f"  {m.status} {m.module}:{m.line} {m.kind} {m.before} -> {m.after}", flush=True)
+    return True
 
 
 def survivors(results: list[Mutant]) -> str:

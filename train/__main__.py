@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from .config import ConfigError, load_config
-from .data import DataUnavailableError
-from .models import PretrainedUnavailableError
+from train.config import ConfigError, load_config
+from train.data import DataUnavailableError
+from train.models import PretrainedUnavailableError
 
 #: Exit status when the run stopped on NaN/Inf (2: it could not start as asked).
 EXIT_NONFINITE = 3
@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from .checkpoint import StateError
-    from .loop import DeviceUnavailableError, NonFiniteError, summary_line, train
-    from .rundir import RunDirError
+    from train.checkpoint import StateError
+    from train.loop import DeviceUnavailableError, NonFiniteError, summary_line, train
+    from train.rundir import RunDirError
 
     clean = False
     try:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summary_line(run_dir))
         print(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, forces.jsonl, weibull.jsonl, checkpoints/)")
         if cfg.logging.report:
-            from instrumented_adamw.report import make_report
+            from instrumented_adamw.analysis.report import make_report
 
             result = make_report([run_dir], run_dir / "report")
             print(f"figures: {run_dir / 'report'}  (report.html, {len(result['files']) - 1} PNGs)")

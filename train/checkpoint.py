@@ -34,9 +34,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from instrumented_adamw.integrity import fsync_dir, read_manifest, verify_manifest, write_durably, write_manifest
-
-from .faults import fault_point
+from instrumented_adamw.utils.durable_io import fsync_dir, read_manifest, verify_manifest, write_durably, write_manifest
+from train.failpoints import fault_point
 
 #: Version of the resume-state layout; states of another version are not loaded.
 STATE_FORMAT = 2

@@ -440,7 +440,7 @@ def _positive(path: str, value: float) -> None:
 
 def dump_config(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML (atomically and durably: a kill never leaves half a config.yaml)."""
-    from instrumented_adamw.integrity import write_durably
+    from instrumented_adamw.utils.durable_io import write_durably
 
     write_durably(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False).encode())
 

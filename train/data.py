@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from instrumented_adamw.integrity import write_durably
-from instrumented_adamw.netcheck import endpoint_reachable
-
-from .config import DataConfig
+from instrumented_adamw.utils.durable_io import write_durably
+from instrumented_adamw.utils.netcheck import endpoint_reachable
+from train.config import DataConfig
 
 #: Part of every cache key: bump it whenever tokenization, document joining or the synthetic generator change, so
 #: an old cache is never served for new code (version 2: the synthetic corpus generates exactly n tokens).
@@ -101,7 +100,7 @@ def local_documents(files: list[Path]) -> Iterator[str]:
 
 def hub_reachable(timeout: float | None = None) -> bool:
     """Whether the Hugging Face endpoint answers a TCP connect within ``timeout`` seconds (default
-    :data:`instrumented_adamw.netcheck.PROBE_TIMEOUT_S`), instead of the hub client's retry loops. Offline mode
+    :data:`instrumented_adamw.utils.netcheck.PROBE_TIMEOUT_S`), instead of the hub client's retry loops. Offline mode
     (``HF_HUB_OFFLINE``) answers no at once; behind a proxy the probe defers to the client. The one hub probe of
     the trainer: data, tokenizers and pretrained models all ask here."""
     from huggingface_hub import constants

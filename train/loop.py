@@ -17,8 +17,6 @@ import contextlib
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,18 +25,22 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from instrumented_adamw.integrity import file_mark, write_durably
 from instrumented_adamw.monitor import ForceMonitor
+from instrumented_adamw.optim.schedules import warmup_cosine
 from instrumented_adamw.sinks import KINDS, JsonlSink, TensorBoardSink, WandbSink
+from instrumented_adamw.utils.durable_io import file_mark, write_durably
+from train import checkpoint as ckpt
+from train import provenance, rundir
+from train.config import Config, ScheduleConfig
+from train.data import build_data
+from train.failpoints import fault_point
+from train.models import build_model
+from train.optimizers import build_optimizer, group_peaks
 
-from . import checkpoint as ckpt
-from . import rundir
-from .config import Config
-from .data import build_data
-from .faults import fault_point
-from .models import build_model
-from .optimizers import build_optimizer, group_peaks
-from .schedule import lr_at
+
+def lr_at(step: int, peak: float, cfg: ScheduleConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) under ``cfg``: warmup, then cosine to min_lr_ratio·peak."""
+    return warmup_cosine(step, peak, cfg.warmup_steps, cfg.total_steps, cfg.min_lr_ratio, cfg.kind)
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -72,29 +74,16 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", index)
 
 
-def _git_sha() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _environment(device: torch.device, world: int) -> dict:
-    import transformers
-
+    """``env.json`` of the latest launch: versions, device, world size, threads, commit and command line."""
+    described = provenance.device_description(device)
     return dict(
-        python=sys.version.split()[0],
-        torch=torch.__version__,
-        transformers=transformers.__version__,
-        platform=platform.platform(),
+        provenance.versions(),
         device=str(device),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        device_name=described["device_name"],
         world_size=world,
-        threads=torch.get_num_threads(),  # CPU timings depend on it
-        git_sha=_git_sha(),
+        threads=described["threads"],  # CPU timings depend on it
+        git_sha=provenance.commit_info(Path(__file__).resolve().parent)["sha"],
         argv=sys.argv,
     )
 
@@ -261,7 +250,6 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
     if fsdp:
         shard_model(model)  # before the optimizer: it must see the DTensor shards
     opt = build_optimizer(cfg.optim, model)  # InstrumentedAdamW, or Muon + AdamW (optim.name=muon)
-    peaks = group_peaks(opt)
 
     start, extra = 0, {}
     if state_name is not None:  # the decided state into the model, optimizer and RNG
@@ -273,173 +261,204 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
             ckpt.apply_state(state, model, opt)
             extra = state.extra
         start = ckpt.dir_step(state_dir)
-    step_model = model
-    if cfg.distributed.strategy == "ddp":
-        step_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if cfg.model.compile:
-        step_model = torch.compile(step_model)
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-        if device.type == "cuda"
-        else contextlib.nullcontext  # fp32 on CPU
-    )
 
     # ------------------------------------------------------------------ run directory and logging (rank 0)
-    # Every rank has a monitor (under FSDP reading forces and fitting are collectives); only rank 0's has sinks.
-    total = cfg.schedule.total_steps
-    end = cfg.schedule.stop_at or total  # the last step of this launch (the schedule stays that of `total`)
+    end = cfg.schedule.stop_at or cfg.schedule.total_steps  # the last step of this launch (the schedule: total)
     sinks, jsonl = [], None
     if main:
-        marks = rundir.prepare(plan, cfg, run_dir)  # logs cut back to the state, later outputs and leftovers gone
-        write_durably(run_dir / "env.json", json.dumps(_environment(device, world), indent=1).encode())
-        for note in plan.notes:
-            print(f"[train] {note}", file=sys.stderr, flush=True)
-        if plan.state is not None:
-            done_note = ": the run is already complete" if start >= total else ""
-            done_note = done_note or (f": schedule.stop_at={end} is already reached" if start >= end else "")
-            print(f"[train] resumed from step {start} of {total} ({plan.state.directory}){done_note}",
-                  file=sys.stderr, flush=True)  # fmt: skip
-        jsonl = JsonlSink(run_dir, marks=None if marks is None else {k: marks[f"{k}.jsonl"] for k in KINDS})
-        sinks = [jsonl]
-        if cfg.logging.wandb:
-            sinks.append(
-                WandbSink(
-                    cfg.logging.wandb_project,
-                    config=cfg.to_dict(),
-                    directory=run_dir,
-                    name=cfg.run.name,
-                    mode=cfg.logging.wandb_mode,
-                    run_id=f"{cfg.run.name}-{cfg.run.seed}",
-                    table_every=cfg.logging.weibull_every or cfg.logging.eval_every,
-                )
-            )
-        if cfg.logging.tensorboard:
-            sinks.append(TensorBoardSink(run_dir / "tensorboard", purge_step=start + 1 if state_name else None))
+        jsonl, sinks = _open_run_dir(cfg, plan, run_dir, device, world, start, end)
     if world > 1:
         dist.barrier()  # rank 0 has brought the directory to the starting point
-    monitor = ForceMonitor(
-        opt,
-        model,
-        sinks,
-        log_every=cfg.logging.log_every,
-        weibull_every=cfg.logging.weibull_every,
-        per_tensor=cfg.logging.per_tensor,
-        per_tensor_every=cfg.logging.per_tensor_every,
-    )
+    # Every rank has a monitor (under FSDP reading forces and fitting are collectives); only rank 0's has sinks.
+    logging = cfg.logging
+    monitor = ForceMonitor(opt, model, sinks, log_every=logging.log_every, weibull_every=logging.weibull_every,
+                           per_tensor=logging.per_tensor, per_tensor_every=logging.per_tensor_every)  # fmt: skip
     monitor.load_state_dict(extra.get("monitor", {}))
     watch = NonFiniteWatch(cfg.run.max_nonfinite_steps)
     watch.load_state_dict(extra.get("nonfinite", {}))
-    config = rundir.plain_config(cfg)
-    kept = {"name": state_name, "step": start if state_name else None}  # the last good resume state
-
-    def save_state(done: int) -> None:
-        """The resume state of step ``done``, with the logs' marks (its finiteness is checked by the caller)."""
-        logs = {}
-        if main:
-            logs = {f"{k}.jsonl": m for k, m in jsonl.marks().items()}
-            logs["config_changes.jsonl"] = file_mark(run_dir / "config_changes.jsonl")
-        carry = {"monitor": monitor.state_dict(), "nonfinite": watch.state_dict()}
-        kwargs = dict(config=config, logs=logs, extra=carry, keep=kept["name"])
-        if fsdp:
-            kept["name"] = ckpt.save_resume_sharded(run_dir, done, model, opt, **kwargs)
-        elif main:
-            kept["name"] = ckpt.save_resume(run_dir, done, model, opt, **kwargs)
-        kept["step"] = done
-        if world > 1:
-            dist.barrier()
-
-    fit_here = main or fsdp  # fits gather full tensors under FSDP: every rank takes part
-    if state_name is None:
-        if cfg.logging.weibull_every and fit_here:
-            monitor.fit(0)  # the initial distribution: λ(t) starts here
-        save_snapshot(run_dir, 0, model, None, fsdp, main)
-        save_state(0)  # a kill before the first resume_every resumes here, not from nothing
-    snapshots = checkpoint_steps(cfg)
-
-    # ------------------------------------------------------------------ loop
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    progress = None
-    if main and cfg.logging.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=end, initial=start, desc=cfg.run.name, unit="step", dynamic_ncols=True)
-    losses = torch.zeros(cfg.logging.log_every, device=device)  # this interval's per-step losses, read on log steps
-    t_last, steps_since = time.perf_counter(), 0
-
-    def log_interval(done: int, lr: float) -> dict:
-        """Write the records of the interval ending at ``done``; returns the monitor's metrics."""
-        nonlocal t_last, steps_since
-        interval = losses[:steps_since]
-        if world > 1:
-            dist.all_reduce(interval)  # each rank saw its share of the batch: log the global mean
-            interval /= world
-        host = interval.double().cpu()  # note: a CPU-GPU sync point, on log steps only
-        nonfinite = watch.update(done - steps_since + 1, host)
-        elapsed = time.perf_counter() - t_last
-        scalars = {"loss": float(host.mean()), "lr": lr, "nonfinite/loss_steps": nonfinite,
-                   "throughput(tok/s)": steps_since * tokens_per_step / elapsed}  # fmt: skip
-        if done % cfg.logging.eval_every == 0 or done == end:
-            scalars["val_loss"] = evaluate(model, data, cfg, device, autocast, rank, world)
-        record = monitor.log(done, **scalars)  # every rank: its interval restarts with rank 0's
-        if progress is not None:
-            share = record.get("Transmission/align_share", float("nan"))
-            progress.set_postfix(
-                loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['throughput(tok/s)']:.0f}", align=f"{share:.3f}"
-            )
-        t_last, steps_since = time.perf_counter(), 0
-        return record
-
-    def ensure_finite(done: int, lr: float, tensors, what: str) -> None:
-        """Before a save: stop rather than write NaN/Inf, logging the interval so far so the counts are on record."""
-        if ckpt.all_finite(tensors, distributed=fsdp):  # note: a CPU-GPU sync point, on save steps only
-            return
-        if steps_since:
-            log_interval(done, lr)
-        raise watch.error(done, what, kept["step"])
-
+    loop = _Loop(cfg, run_dir, device, rank, world, model, opt, data, monitor, watch, jsonl, state_name, start)
     try:
-        for step in range(start, end):
-            lr = lr_at(step, cfg.optim.lr, cfg.schedule)
-            for group, peak in zip(opt.param_groups, peaks, strict=True):
-                group["lr"] = lr_at(step, peak, cfg.schedule)
-            x, y = data.batch(step, rank, world)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast():
-                logits = step_model(input_ids=x).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-            loss.backward()
-            if cfg.optim.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses[steps_since] = loss.detach()
-            steps_since += 1
-            done = step + 1
-            fault_point("step", done)
-
-            if done % cfg.logging.log_every == 0 or done == end:
-                record = log_interval(done, lr)
-                fault_point("log", done)
-                watch.check(done, record, kept["step"])  # NaN/Inf: stop before anything is fitted or saved
-            if fit_here and cfg.logging.weibull_every and done % cfg.logging.weibull_every == 0:
-                monitor.fit(done)
-            if done in snapshots:
-                ensure_finite(done, lr, model.parameters(), "the weights hold NaN or Inf")
-                save_snapshot(run_dir, done, model, opt if cfg.checkpoint.save_optimizer else None, fsdp, main)
-            if done % cfg.checkpoint.resume_every == 0 or done == end:
-                moments = (v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
-                ensure_finite(done, lr, [*model.parameters(), *moments], "the weights or Adam moments hold NaN or Inf")
-                save_state(done)
-            if progress is not None:
-                progress.update(1)
+        if state_name is None:
+            loop.save_initial()
+        loop.run(start, end)
     finally:
-        if progress is not None:
-            progress.close()
         monitor.close()
     if world > 1:
         dist.barrier()
+
+
+def _open_run_dir(cfg: Config, plan, run_dir: Path, device, world: int, start: int, end: int):
+    """Rank 0: the directory brought to the starting point (logs cut back to the state, later outputs gone),
+    ``env.json`` of this launch, what was resumed, and the sinks; returns (the JSONL sink, every sink)."""
+    marks = rundir.prepare(plan, cfg, run_dir)
+    write_durably(run_dir / "env.json", json.dumps(_environment(device, world), indent=1).encode())
+    for note in plan.notes:
+        print(f"[train] {note}", file=sys.stderr, flush=True)
+    total = cfg.schedule.total_steps
+    if plan.state is not None:
+        done_note = ": the run is already complete" if start >= total else ""
+        done_note = done_note or (f": schedule.stop_at={end} is already reached" if start >= end else "")
+        print(f"[train] resumed from step {start} of {total} ({plan.state.directory}){done_note}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    jsonl = JsonlSink(run_dir, marks=None if marks is None else {k: marks[f"{k}.jsonl"] for k in KINDS})
+    sinks = [jsonl]
+    if cfg.logging.wandb:
+        sinks.append(
+            WandbSink(
+                cfg.logging.wandb_project,
+                config=cfg.to_dict(),
+                directory=run_dir,
+                name=cfg.run.name,
+                mode=cfg.logging.wandb_mode,
+                run_id=f"{cfg.run.name}-{cfg.run.seed}",
+                table_every=cfg.logging.weibull_every or cfg.logging.eval_every,
+            )  # fmt: skip
+        )
+    if cfg.logging.tensorboard:
+        sinks.append(TensorBoardSink(run_dir / "tensorboard", purge_step=start + 1 if plan.state else None))
+    return jsonl, sinks
+
+
+class _Loop:
+    """The steps of one launch, from ``start`` to ``end``, with what happens on log, fit, snapshot and save steps."""
+
+    def __init__(self, cfg: Config, run_dir: Path, device, rank: int, world: int, model, opt, data,
+                 monitor: ForceMonitor, watch: NonFiniteWatch, jsonl: JsonlSink | None, state_name: str | None,
+                 start: int) -> None:  # fmt: skip
+        self.cfg, self.run_dir, self.device, self.rank, self.world = cfg, run_dir, device, rank, world
+        self.main, self.fsdp = rank == 0, cfg.distributed.strategy == "fsdp"
+        self.model, self.opt, self.data, self.monitor, self.watch, self.jsonl = model, opt, data, monitor, watch, jsonl
+        self.peaks = group_peaks(opt)
+        self.step_model = model
+        if cfg.distributed.strategy == "ddp":
+            self.step_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        if cfg.model.compile:
+            self.step_model = torch.compile(self.step_model)
+        self.autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+            if device.type == "cuda"
+            else contextlib.nullcontext  # fp32 on CPU
+        )
+        self.config = rundir.plain_config(cfg)
+        self.kept = {"name": state_name, "step": start if state_name else None}  # the last good resume state
+        self.fit_here = self.main or self.fsdp  # fits gather full tensors under FSDP: every rank takes part
+        self.snapshots = checkpoint_steps(cfg)
+        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        self.losses = torch.zeros(cfg.logging.log_every, device=device)  # the interval's losses, read on log steps
+        self.t_last, self.steps_since = time.perf_counter(), 0
+        self.progress = None
+
+    def save_initial(self) -> None:
+        """A fresh run: the initial fit (λ(t) starts here), snapshot and resume state (a kill before the first
+        ``resume_every`` resumes here, not from nothing)."""
+        if self.cfg.logging.weibull_every and self.fit_here:
+            self.monitor.fit(0)
+        save_snapshot(self.run_dir, 0, self.model, None, self.fsdp, self.main)
+        self.save_state(0)
+
+    def run(self, start: int, end: int) -> None:
+        if self.main and self.cfg.logging.progress:
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=end, initial=start, desc=self.cfg.run.name, unit="step", dynamic_ncols=True)
+        try:
+            for step in range(start, end):
+                lr = self.train_step(step)
+                self.after_step(step + 1, lr, end)
+                if self.progress is not None:
+                    self.progress.update(1)
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+
+    def train_step(self, step: int) -> float:
+        """One optimizer step at the schedule's learning rate; returns that lr."""
+        cfg = self.cfg
+        lr = lr_at(step, cfg.optim.lr, cfg.schedule)
+        for group, peak in zip(self.opt.param_groups, self.peaks, strict=True):
+            group["lr"] = lr_at(step, peak, cfg.schedule)
+        x, y = self.data.batch(step, self.rank, self.world)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with self.autocast():
+            logits = self.step_model(input_ids=x).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        if cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.losses[self.steps_since] = loss.detach()
+        self.steps_since += 1
+        fault_point("step", step + 1)
+        return lr
+
+    def after_step(self, done: int, lr: float, end: int) -> None:
+        """Logs, fits, snapshots and resume states that fall on step ``done``."""
+        cfg = self.cfg
+        if done % cfg.logging.log_every == 0 or done == end:
+            record = self.log_interval(done, lr, end)
+            fault_point("log", done)
+            self.watch.check(done, record, self.kept["step"])  # NaN/Inf: stop before anything is fitted or saved
+        if self.fit_here and cfg.logging.weibull_every and done % cfg.logging.weibull_every == 0:
+            self.monitor.fit(done)
+        if done in self.snapshots:
+            self.ensure_finite(done, lr, end, self.model.parameters(), "the weights hold NaN or Inf")
+            optimizer = self.opt if cfg.checkpoint.save_optimizer else None
+            save_snapshot(self.run_dir, done, self.model, optimizer, self.fsdp, self.main)
+        if done % cfg.checkpoint.resume_every == 0 or done == end:
+            moments = (v for st in self.opt.state.values() for v in st.values() if torch.is_tensor(v))
+            self.ensure_finite(done, lr, end, [*self.model.parameters(), *moments],
+                               "the weights or Adam moments hold NaN or Inf")  # fmt: skip
+            self.save_state(done)
+
+    def save_state(self, done: int) -> None:
+        """The resume state of step ``done``, with the logs' marks (its finiteness is checked by the caller)."""
+        logs = {}
+        if self.main:
+            logs = {f"{k}.jsonl": m for k, m in self.jsonl.marks().items()}
+            logs["config_changes.jsonl"] = file_mark(self.run_dir / "config_changes.jsonl")
+        carry = {"monitor": self.monitor.state_dict(), "nonfinite": self.watch.state_dict()}
+        kwargs = dict(config=self.config, logs=logs, extra=carry, keep=self.kept["name"])
+        if self.fsdp:
+            self.kept["name"] = ckpt.save_resume_sharded(self.run_dir, done, self.model, self.opt, **kwargs)
+        elif self.main:
+            self.kept["name"] = ckpt.save_resume(self.run_dir, done, self.model, self.opt, **kwargs)
+        self.kept["step"] = done
+        if self.world > 1:
+            dist.barrier()
+
+    def log_interval(self, done: int, lr: float, end: int) -> dict:
+        """Write the records of the interval ending at ``done``; returns the monitor's metrics."""
+        interval = self.losses[: self.steps_since]
+        if self.world > 1:
+            dist.all_reduce(interval)  # each rank saw its share of the batch: log the global mean
+            interval /= self.world
+        host = interval.double().cpu()  # note: a CPU-GPU sync point, on log steps only
+        nonfinite = self.watch.update(done - self.steps_since + 1, host)
+        elapsed = time.perf_counter() - self.t_last
+        scalars = {"loss": float(host.mean()), "lr": lr, "nonfinite/loss_steps": nonfinite,
+                   "throughput(tok/s)": self.steps_since * self.tokens_per_step / elapsed}  # fmt: skip
+        if done % self.cfg.logging.eval_every == 0 or done == end:
+            scalars["val_loss"] = evaluate(self.model, self.data, self.cfg, self.device, self.autocast, self.rank,
+                                           self.world)  # fmt: skip
+        record = self.monitor.log(done, **scalars)  # every rank: its interval restarts with rank 0's
+        if self.progress is not None:
+            share = record.get("Transmission/align_share", float("nan"))
+            self.progress.set_postfix(
+                loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['throughput(tok/s)']:.0f}", align=f"{share:.3f}"
+            )
+        self.t_last, self.steps_since = time.perf_counter(), 0
+        return record
+
+    def ensure_finite(self, done: int, lr: float, end: int, tensors, what: str) -> None:
+        """Before a save: stop rather than write NaN/Inf, logging the interval so far so the counts are on record."""
+        if ckpt.all_finite(tensors, distributed=self.fsdp):  # note: a CPU-GPU sync point, on save steps only
+            return
+        if self.steps_since:
+            self.log_interval(done, lr, end)
+        raise self.watch.error(done, what, self.kept["step"])
 
 
 def summary_line(run_dir: Path) -> str:

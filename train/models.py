@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from .config import ModelConfig
+from train.config import ModelConfig
 
 
 def hf_config(cfg: ModelConfig) -> transformers.PretrainedConfig:
@@ -70,7 +70,7 @@ def load_pretrained(name: str, revision: str | None) -> transformers.PreTrainedM
     tried, instead of the hub client's ~30 s of retries before the same failure."""
     from huggingface_hub import constants
 
-    from .data import hub_offline, hub_reachable
+    from train.data import hub_offline, hub_reachable
 
     kwargs = dict(revision=revision, attn_implementation="sdpa", **_dtype_kwarg())
     path = Path(os.path.expanduser(name))

@@ -4,8 +4,7 @@ hybrid split — InstrumentedMuon for the hidden 2-D matrices, InstrumentedAdamW
 from __future__ import annotations
 
 from instrumented_adamw import HybridOptimizer, InstrumentedAdamW, InstrumentedMuon, hybrid_param_groups
-
-from .config import OptimConfig
+from train.config import OptimConfig
 
 
 def build_optimizer(cfg: OptimConfig, model) -> InstrumentedAdamW | HybridOptimizer:

@@ -9,8 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
-from .data import DataUnavailableError, export_tokens
+from train.config import ConfigError, load_config
+from train.data import DataUnavailableError, export_tokens
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,11 +28,10 @@ from typing import Any
 
 import yaml
 
-from instrumented_adamw.integrity import check_prefix, fsync_dir, truncate_durably, verify_manifest
 from instrumented_adamw.sinks import KINDS, read_jsonl
-
-from . import checkpoint as ckpt
-from .config import RESUME_FREE_FIELDS, Config
+from instrumented_adamw.utils.durable_io import check_prefix, fsync_dir, truncate_durably, verify_manifest
+from train import checkpoint as ckpt
+from train.config import RESUME_FREE_FIELDS, Config
 
 #: Append-only logs of a run; each resume state records their length and checksum.
 LOG_FILES = (*(f"{kind}.jsonl" for kind in KINDS), "config_changes.jsonl")
@@ -241,7 +240,7 @@ def plan_start(cfg: Config, run_dir: Path) -> StartPlan:
 def prepare(plan: StartPlan, cfg: Config, run_dir: Path) -> dict[str, dict[str, Any]]:
     """Bring the directory to the plan's starting point (rank 0, after the state is loaded); returns the marks the
     JSONL sink cuts its files back to (``None`` for a fresh start)."""
-    from .config import dump_config
+    from train.config import dump_config
 
     if plan.clear:
         clear_outputs(run_dir, plan.clear)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import latest_resume_step
-from .config import ConfigError, load_config
+from train.checkpoint import latest_resume_step
+from train.config import ConfigError, load_config
 
 
 def expand(path: Path, extra: list[str]) -> list[tuple[str, list[str]]]:

@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
-from .data import DataUnavailableError, expand_files, local_documents
+from train.config import ConfigError, load_config
+from train.data import DataUnavailableError, expand_files, local_documents
 
 EOS = "<|endoftext|>"
 

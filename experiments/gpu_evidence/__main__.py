@@ -1,0 +1,3 @@
+from experiments.gpu_evidence.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,474 @@
+"""What every instrumented optimizer shares: tensor names, the device force tables, read-outs, copies, schedules.
+
+:class:`ForceTracking` is a mixin placed before a torch optimizer class (``class InstrumentedAdamW(ForceTracking,
+torch.optim.AdamW)``). The optimizer's own ``step()`` does its update and hands the per-tensor reductions
+``[⟨W,u⟩, ‖u‖², ‖W‖²]`` (W before the update, u the direction the update used) to :meth:`ForceTracking._record`,
+with the lr of the update and the lr and λ of the decay. Everything else is here, written once:
+
+* names (``named_parameters``, ``group{g}.param{i}`` otherwise, :meth:`name_parameters` from a model) and
+  ``track_filter``;
+* the float64 force tables on each device (:mod:`.forces`), the read-out with one device-to-host copy per device,
+  and the FSDP2 combine of per-shard partial sums in one all-reduce;
+* when to measure (``track_every``, as a CPU tensor counter that survives ``torch.compile``), carried in state
+  dicts, deep copies and pickles;
+* decoupled decay schedules: ``"lr"`` (torch's) and ``"lr_squared"`` (λ_t = λ·η_t/η_max, with η_max found from the
+  scheduler or given).
+
+Optimizers instrumented: :class:`~instrumented_adamw.optim.InstrumentedAdamW` and
+:class:`~instrumented_adamw.optim.muon.InstrumentedMuon`.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from instrumented_adamw.kernels.reductions import sq_norms_exact
+from instrumented_adamw.optim.forces import ForceReadout, ForceStats, additive_columns, forces_from_reductions
+from instrumented_adamw.optim.functional import StackedReductions
+
+WEIGHT_DECAY_SCHEDULES = ("lr", "lr_squared")
+#: Names given to tensors passed without names (``model.parameters()``); the monitor renames them from the model.
+_GENERIC_NAME = re.compile(r"group\d+\.param\d+")
+#: Relative slack when checking lr_t ≤ η_max for ``lr_squared`` (schedulers compute the peak in float arithmetic).
+_PEAK_SLACK = 1e-9
+
+try:  # FSDP2 parameters are DTensors; plain torch builds without distributed support have none
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = Shard = None  # type: ignore[assignment,misc]
+
+
+def unwrap_optimizer(optimizer):
+    """The optimizer inside framework wrappers (accelerate's ``AcceleratedOptimizer`` and others keep it in
+    ``.optimizer``), so ``unwrap_optimizer(opt).read_forces()`` works whatever the training framework handed out."""
+    seen = 0
+    while optimizer is not None and not isinstance(optimizer, ForceTracking) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+        seen += 1
+        if seen > 16:  # a wrapper that points at itself
+            break
+    return optimizer
+
+
+def local_tensor(t):
+    """The local shard of a DTensor (sharing its storage), or ``t`` itself."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def any_dtensor(tensors) -> bool:
+    """Whether any of ``tensors`` is a DTensor: the per-step check that lets plain tensors skip ``local_tensor``."""
+    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+
+
+class ForceTracking:
+    """Mixin of the shared tracking machinery; see the module docstring. Subclasses call :meth:`_init_tracking`
+    before ``torch.optim.Optimizer.__init__`` (which calls ``add_param_group`` for every group)."""
+
+    def _init_tracking(
+        self,
+        *,
+        track: bool,
+        track_every: int,
+        track_filter: Callable[[str], bool] | None,
+        weight_decay_schedule: str,
+        lr_peak: float | None,
+    ) -> None:
+        if not isinstance(track_every, int) or isinstance(track_every, bool) or track_every < 1:
+            raise ValueError(f"Invalid track_every: {track_every!r} (a positive int, 1 = every step)")
+        if weight_decay_schedule not in WEIGHT_DECAY_SCHEDULES:
+            raise ValueError(
+                f"Invalid weight_decay_schedule: {weight_decay_schedule!r}; choose one of {WEIGHT_DECAY_SCHEDULES}"
+            )
+        if track_filter is not None and not callable(track_filter):
+            raise TypeError(f"track_filter must be a callable name -> bool, got {type(track_filter).__name__}")
+        _check_peak(lr_peak, "lr_peak")
+        self._track = bool(track)
+        self._track_every = track_every
+        self._track_filter = track_filter
+        self._filter_lost = False  # unpickled without its (unpicklable) track_filter
+        self._wd_schedule = weight_decay_schedule
+        self._lr_peak = lr_peak
+        self._created_lr: list[float | None] = []  # per group: the fallback η_max of lr_squared
+        self._names: dict[int, str] = {}  # id(param) -> name, every parameter of every group
+        self._generic: set[int] = set()  # parameters named group{g}.param{i} (passed without names)
+        # Calls of step(), as a CPU tensor updated in place: torch.compile keeps tensor mutations, but drops
+        # attribute stores on an optimizer it traces. Reading it is a host read, never a device sync.
+        self._calls = torch.zeros((), dtype=torch.int64)
+        self._rows: dict[int, tuple[torch.device, int]] = {}
+        self._sharded_rows: dict[torch.device, list[bool]] = {}  # rows whose tensor is a DTensor shard
+        self._shard_group = None  # process group of the DTensor parameters (one 1-D mesh)
+        self._stats: dict[torch.device, ForceStats] = {}
+        self._tracked_params: dict[torch.device, list[Tensor]] = {}
+        self._reset_host_caches()
+
+    def _reset_host_caches(self) -> None:
+        """Per-process caches a subclass rebuilds on demand (after a copy or unpickling): none here."""
+
+    def _begin_step(self) -> tuple[bool, Tensor | None]:
+        """Count the call; (measure this step?, and under ``torch.compile`` with ``track_every > 1`` the same as a
+        tensor, since the choice must then stay in the graph: the reductions run and unmeasured ones are masked)."""
+        self._calls.add_(1)  # in place: survives torch.compile
+        if not self._track:
+            return False, None
+        if self._track_every == 1:
+            return True, None
+        if torch.compiler.is_compiling():
+            return True, (self._calls - 1) % self._track_every == 0
+        return (int(self._calls) - 1) % self._track_every == 0, None  # a CPU counter: no device sync
+
+    # ------------------------------------------------------------------ groups, names, state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self._filter_lost:
+            raise RuntimeError(
+                "this optimizer was unpickled without its track_filter (it could not be pickled, e.g. a lambda); "
+                "set opt.track_filter = <a function name -> bool> before adding parameter groups"
+            )
+        super().add_param_group(param_group)
+        g = len(self.param_groups) - 1
+        group = self.param_groups[g]
+        group.setdefault("lr_peak", self._lr_peak)
+        _check_peak(group["lr_peak"], f"param_groups[{g}]['lr_peak']")
+        lr = group["lr"]
+        self._created_lr.append(float(lr) if not isinstance(lr, Tensor) else None)
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            self._names[id(p)] = names[i] if names else f"group{g}.param{i}"
+            if not names:
+                self._generic.add(id(p))
+        self._rebuild_tracking()
+
+    def _rebuild_tracking(self, keep: bool = True, only: set[int] | None = None) -> None:
+        """Rows of the force tables for every tracked tensor, in parameter-group order, one table per device.
+
+        Rows of tensors tracked before keep their values (``keep``), so renaming or adding a group loses nothing.
+        ``only`` (parameter ids) replaces the filter: a restored copy tracks exactly what the original tracked.
+        """
+        old_rows, old_stats = self._rows, self._stats
+        self._rows, self._stats, self._tracked_params, self._sharded_rows = {}, {}, {}, {}
+        self._shard_group = None
+        by_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                name = self._names[id(p)]
+                if only is not None:
+                    selected = id(p) in only
+                else:
+                    selected = self._track_filter is None or self._track_filter(name)
+                if selected:
+                    by_device.setdefault(p.device, []).append((name, p))
+        for device, items in by_device.items():
+            stats = self._stats[device] = ForceStats(device)
+            rows = stats.add_rows([n for n, _ in items])
+            self._sharded_rows[device] = [self._check_sharded(n, p) for n, p in items]
+            self._tracked_params[device] = [p for _, p in items]
+            for (_, p), row in zip(items, rows, strict=True):
+                self._rows[id(p)] = (device, row)
+                old = old_rows.get(id(p)) if keep else None
+                if old is not None:
+                    stats.table[row] = old_stats[old[0]].table[old[1]]
+
+    @property
+    def track_filter(self) -> Callable[[str], bool] | None:
+        return self._track_filter
+
+    @track_filter.setter
+    def track_filter(self, fn: Callable[[str], bool] | None) -> None:
+        if fn is not None and not callable(fn):
+            raise TypeError(f"track_filter must be a callable name -> bool, got {type(fn).__name__}")
+        self._track_filter, self._filter_lost = fn, False
+        self._rebuild_tracking()
+
+    def name_parameters(self, named: nn.Module | Iterable[tuple[str, Tensor]], only_unnamed: bool = True) -> int:
+        """Name tensors by identity from ``model.named_parameters()`` (or the module itself); returns how many.
+
+        For optimizers built from ``model.parameters()`` (HF ``Trainer``'s ``optimizer_cls_and_kwargs``, a user's
+        param groups): their tensors are named ``group{g}.param{i}``, which the taxonomy cannot classify. With
+        ``only_unnamed`` (default) names the optimizer already has are kept. ``track_filter`` is applied again
+        to the new names; the values measured so far stay with their tensors.
+        """
+        items = named.named_parameters() if isinstance(named, nn.Module) else named
+        by_id = {}
+        for name, p in items:
+            by_id.setdefault(id(p), name)  # tied weights: the first name, as named_parameters() reports them
+        renamed = 0
+        for pid in list(self._names):
+            if pid in by_id and (pid in self._generic or not only_unnamed):
+                self._names[pid] = by_id[pid]
+                self._generic.discard(pid)
+                renamed += 1
+        if renamed:
+            self._rebuild_tracking()
+        return renamed
+
+    @property
+    def has_unnamed_parameters(self) -> bool:
+        """True if some tensors are known only as ``group{g}.param{i}`` (see :meth:`name_parameters`)."""
+        return bool(self._generic)
+
+    def _check_sharded(self, name: str, p: Tensor) -> bool:
+        """True for a DTensor shard (FSDP2): its reductions are partial sums, combined across ranks on read."""
+        if DTensor is None or not isinstance(p, DTensor):
+            return False
+        mesh = p.device_mesh
+        if mesh.ndim != 1 or not all(isinstance(pl, Shard) for pl in p.placements):
+            raise NotImplementedError(
+                f"{name}: DTensor placements {p.placements} on a {mesh.ndim}-D mesh; force tracking supports "
+                "parameters sharded on one mesh dimension (FSDP2 fully_shard). Pass track_filter to skip it."
+            )
+        group = mesh.get_group()
+        if self._shard_group is not None and group != self._shard_group:
+            raise NotImplementedError(f"{name}: parameters sharded over different process groups")
+        self._shard_group = group
+        return True
+
+    # ------------------------------------------------------------------ state dicts
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, plus the call counter as ``param_groups[0]["track_calls"]``.
+
+        The counter sets which calls ``track_every`` measures; carrying it makes a resumed run measure the steps an
+        uninterrupted one would. It rides in a param group because every checkpointer (torch.save, the HF Trainer,
+        torch.distributed.checkpoint) keeps group keys; ``torch.optim.AdamW`` loads such a dict and ignores it.
+        """
+        state = super().state_dict()
+        if state["param_groups"]:
+            state["param_groups"][0]["track_calls"] = int(self._calls)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups = state_dict.get("param_groups") or [{}]
+        calls = groups[0].get("track_calls")
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.pop("track_calls", None)
+        if calls is not None:  # absent in dicts saved by torch.optim.AdamW: the count goes on from here
+            self._calls.fill_(int(calls))
+
+    # ------------------------------------------------------------------ copies
+    # Optimizer.__getstate__ keeps only defaults, state and param_groups; the tracking state (names, force tables,
+    # counters) is carried beside them, per parameter in group order, because it is keyed by tensor identity.
+    _CARRIED = ("_track", "_track_every", "_wd_schedule", "_lr_peak", "_created_lr", "_calls")
+
+    def _portable_state(self, keep_filter: bool) -> dict[str, Any]:
+        state = super().__getstate__()
+        rows = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                where = self._rows.get(id(p))
+                row = self._stats[where[0]].table[where[1]].clone() if where is not None else None
+                rows.append((self._names[id(p)], id(p) in self._generic, row))
+        filt = self._track_filter
+        lost = self._filter_lost
+        if filt is not None and not keep_filter:
+            try:
+                pickle.dumps(filt)
+            except (pickle.PicklingError, AttributeError, TypeError):
+                filt, lost = None, True
+        extra = {k: self.__dict__[k] for k in self._CARRIED}
+        extra.update(rows=rows, track_filter=filt, filter_lost=lost)
+        return dict(state, _instrumented=extra)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self._portable_state(keep_filter=False)
+
+    def __deepcopy__(self, memo: dict) -> ForceTracking:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self._portable_state(keep_filter=True), memo))
+        return new
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict comes through here too (without "_instrumented"): groups saved by torch.optim.AdamW
+        # have no "lr_peak".
+        state = dict(state)
+        extra = state.pop("_instrumented", None)
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("lr_peak", None)
+        if extra is not None:
+            self._restore_tracking(extra)
+
+    def _restore_tracking(self, extra: dict[str, Any]) -> None:
+        """Rebuild the identity-keyed tracking state of an unpickled or deep-copied optimizer."""
+        for key in self._CARRIED:
+            setattr(self, key, extra[key])
+        self._track_filter, self._filter_lost = extra["track_filter"], extra["filter_lost"]
+        self._reset_host_caches()
+        self._names, self._generic, self._rows, self._stats = {}, set(), {}, {}
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p, (name, generic, _) in zip(params, extra["rows"], strict=True):
+            self._names[id(p)] = name
+            if generic:
+                self._generic.add(id(p))
+        tracked = {id(p) for p, (_, _, row) in zip(params, extra["rows"], strict=True) if row is not None}
+        self._rebuild_tracking(keep=False, only=tracked)
+        for p, (_, _, row) in zip(params, extra["rows"], strict=True):
+            if row is not None:
+                device, r = self._rows[id(p)]
+                self._stats[device].table[r] = row.to(device)
+
+    @property
+    def tracked_names(self) -> list[str]:
+        return [n for stats in self._stats.values() for n in stats.names]
+
+    def tracked_parameters(self) -> list[tuple[str, Tensor]]:
+        """(name, parameter) of every tracked tensor, in the row order of :meth:`read_forces`."""
+        out = []
+        for device, stats in self._stats.items():
+            out.extend(zip(stats.names, self._tracked_params[device], strict=True))
+        return out
+
+    def peak_lr(self, group_index: int) -> tuple[float, str]:
+        """η_max of ``lr_squared`` for a group, and where it came from (see the class docstring)."""
+        group = self.param_groups[group_index]
+        for key, source in (
+            ("lr_peak", "lr_peak"),
+            ("max_lr", "max_lr (set by OneCycleLR)"),
+            ("initial_lr", "initial_lr (the base lr an LR scheduler starts from)"),
+        ):
+            value = group.get(key)
+            if value is not None:
+                return _float(value, key), source
+        created = self._created_lr[group_index]
+        if created is None:
+            raise ValueError(
+                "weight_decay_schedule='lr_squared' needs a float peak lr: the group was created with a tensor lr; "
+                "pass lr_peak=..."
+            )
+        return created, "the lr the group was created with"
+
+    def _effective_weight_decay(self, group: dict[str, Any], group_index: int):
+        wd = group["weight_decay"]
+        if self._wd_schedule == "lr":
+            return wd
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            raise ValueError(
+                "weight_decay_schedule='lr_squared' needs float learning rates (a tensor lr would need a host "
+                "sync to scale the decay); pass lr as a float"
+            )
+        peak, source = self.peak_lr(group_index)
+        if lr > peak * (1 + _PEAK_SLACK):
+            raise ValueError(
+                f"weight_decay_schedule='lr_squared': param_groups[{group_index}] has lr {lr:.6g} above its peak "
+                f"{peak:.6g}, taken from {source}, so λ_t = λ·η_t/η_max would exceed λ. The schedule's maximum is "
+                "not known to the optimizer (CyclicLR, for one, keeps max_lr on the scheduler): pass "
+                f"lr_peak=<the schedule's maximum lr> to {type(self).__name__}, or set param_groups[i]['lr_peak']"
+            )
+        return wd * lr / peak
+
+    # ------------------------------------------------------------------ recording
+    def _record_unmeasured(self, params: list[Tensor], skip: Tensor | None) -> None:
+        """Count a step that moved tracked tensors without measuring them (their residual cannot close)."""
+        by_device: dict[torch.device, list[int]] = {}
+        for p in params:
+            where = self._rows.get(id(p))
+            if where is not None:
+                by_device.setdefault(where[0], []).append(where[1])
+        for device, rows in by_device.items():
+            self._stats[device].record_unmeasured(tuple(rows), skip)
+
+    def _record(
+        self, params: list[Tensor], reductions, lr, weight_decay, skip: Tensor | None, mask=None, update_lr=None
+    ) -> None:
+        """Fold one step's reductions (``{index in params: [⟨W,u⟩, ‖u‖², ‖W‖²]}``, or :class:`StackedReductions`)
+        into the device tables.
+
+        ``lr`` and ``weight_decay`` are the decay's (per-step shrink η·λ); ``update_lr`` the step size of the update
+        direction u when it differs from ``lr``: with stacked reductions, one value per row (Muon's shape-adjusted
+        lr; floats, or tensors that stay on the device). ``skip`` (0-d) drops the step (GradScaler found inf);
+        ``mask`` (0-d bool) says whether to measure it (``track_every`` under compile)."""
+        if isinstance(reductions, StackedReductions):  # one device, already stacked in row order of positions
+            device, _ = self._rows[id(params[reductions.positions[0]])]
+            rows = tuple(self._rows[id(params[i])][1] for i in reductions.positions)
+            step_lr = None if update_lr is None else _per_row(update_lr, device)
+            values = forces_from_reductions(reductions.values.to(device), lr, weight_decay, update_lr=step_lr)
+            self._stats[device].record(rows, values, skip, measured=mask)
+            return
+        by_device: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
+        for i, red in reductions.items():
+            device, row = self._rows[id(params[i])]
+            rows, reds = by_device.setdefault(device, ([], []))
+            rows.append(row)
+            reds.append(red.to(device))
+        for device, (rows, reds) in by_device.items():
+            values = forces_from_reductions(torch.stack(reds), lr, weight_decay)
+            self._stats[device].record(tuple(rows), values, skip, measured=mask)
+
+    # ------------------------------------------------------------------ read-out
+    @torch.no_grad()
+    def read_forces(self, reset: bool = True) -> ForceReadout:
+        """Last-step values and the integrals since the previous reset, for every tracked tensor.
+
+        One device-to-host copy per device (this is the synchronisation point; call it on log steps only). Also
+        measures ‖W‖² now, which closes the books: ``residual`` = ‖W‖²_now − ‖W‖²_start − Σ forces.
+
+        With FSDP2 (DTensor shards) every rank must call it: the per-shard partial sums of all tensors are combined
+        with **one** all-reduce per device table, and every rank gets the global values.
+        """
+        names: list[str] = []
+        tables, w_now = [], []
+        for device, stats in self._stats.items():
+            if not stats.names:
+                continue
+            local = [local_tensor(p) for p in self._tracked_params[device]]
+            real = [torch.view_as_real(p) if p.is_complex() else p for p in local]
+            w_sq = sq_norms_exact(real)  # float64: the residual is a small difference
+            packed = torch.cat((stats.table, w_sq[:, None]), dim=1)
+            if any(self._sharded_rows[device]):
+                packed = self._combine_shards(packed, device)
+            host = packed.cpu().numpy()
+            names.extend(stats.names)
+            tables.append(host[:, :-1])
+            w_now.append(host[:, -1])
+            if reset:
+                stats.reset_interval(w_sq)  # local (per-shard) norms: START_W_SQ adds up across ranks
+        if not names:
+            return ForceReadout.empty()
+        return ForceReadout.from_tables(names, np.concatenate(tables), np.concatenate(w_now))
+
+    def _combine_shards(self, packed: Tensor, device: torch.device) -> Tensor:
+        """Sum the additive columns over ranks in one all-reduce; rows of unsharded (replicated) tensors count
+        once (rank 0's), the per-step hyperparameters and counters stay local (identical on every rank)."""
+        import torch.distributed as dist
+
+        cols = torch.tensor(additive_columns() + [True], device=device)
+        sharded = torch.tensor(self._sharded_rows[device], device=device)
+        first = dist.get_rank(self._shard_group) == 0
+        weight = torch.where(sharded, 1.0, 1.0 if first else 0.0).to(packed.dtype)
+        contrib = torch.where(cols[None, :], packed * weight[:, None], torch.zeros_like(packed))
+        dist.all_reduce(contrib, group=self._shard_group)
+        return torch.where(cols[None, :], contrib, packed)
+
+    def last_forces(self) -> ForceReadout:
+        """Like :meth:`read_forces` without resetting the interval; ``.to_dict()`` gives the last step."""
+        return self.read_forces(reset=False)
+
+
+def _per_row(values: list, device: torch.device) -> Tensor:
+    """Per-row step sizes as one float64 [k] tensor on ``device``; tensor lrs (capturable use) stay on the device."""
+    if all(not isinstance(v, Tensor) for v in values):
+        return torch.tensor([float(v) for v in values], dtype=torch.float64).to(device)
+    return torch.stack([torch.as_tensor(v).to(device, torch.float64).reshape(()) for v in values])
+
+
+def _check_peak(value, what: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"Invalid {what}: {value!r} (a positive finite float, the schedule's maximum lr)")
+
+
+def _float(value, key: str) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"param group key {key!r} must be one number, got a tensor of shape {tuple(value.shape)}")
+        return float(value)  # a host read, on lr_squared groups whose scheduler stored a tensor peak
+    return float(value)
