@@ -34,7 +34,7 @@ from instrumented_adamw.monitor import ForceMonitor
 from instrumented_adamw.sinks import JsonlSink
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60)
     add_model_args(p)
@@ -50,27 +50,12 @@ def main() -> None:
     if args.smoke:
         args.steps, args.hidden, args.layers, args.vocab, args.batch, args.seq = 10, 64, 2, 512, 2, 32
         args.log_every = 5
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    model = small_neox(args).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    opt = InstrumentedAdamW(model.named_parameters(), lr=1e-3, weight_decay=0.01, fused=True if cuda else None)
-    tmp = tempfile.mkdtemp()
-    monitor = ForceMonitor(opt, model, [JsonlSink(tmp)], log_every=args.log_every, weibull_every=0,
-                           per_tensor_every=args.per_tensor_every)  # fmt: skip
-    step_model = torch.compile(model) if args.compile else model
-    x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
+    return args
 
-    def train_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
-            logits = step_model(input_ids=x[:, :-1]).logits
-        F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
-    # Where a log's time goes: the device read (read_forces: the sync, the exact norms, one copy), the aggregation
-    # per class and layer (the rest of ForceMonitor.read), the sinks' writes. Timed inside the same calls.
+def time_log_pieces(opt, monitor) -> dict[str, list[float]]:
+    """Where a log's time goes: the device read (read_forces: the sync, the exact norms, one copy), the aggregation
+    per class and layer (the rest of ForceMonitor.read), the sinks' writes; timed inside the same calls."""
     pieces: dict[str, list[float]] = {"read_forces": [], "aggregate": [], "write": []}
 
     def timed(fn, piece: str, inner: str | None = None):
@@ -87,6 +72,11 @@ def main() -> None:
     opt.read_forces = timed(opt.read_forces, "read_forces")
     monitor.read = timed(monitor.read, "aggregate", inner="read_forces")
     monitor.write = timed(monitor.write, "write")
+    return pieces
+
+
+def measure(args, train_step, monitor, sync, pieces) -> dict[str, float]:
+    """Median seconds of a training step, a log, a log with per-tensor entries and a fit."""
     for _ in range(3):
         train_step()
     monitor.log(1, loss=0.0)  # warm-up read (the interval starts clean)
@@ -115,11 +105,39 @@ def main() -> None:
         monitor.fit(first + 3 * args.per_tensor_every + i)
         sync()
         fit_times.append(time.perf_counter() - t0)
-    monitor.close()
-    step = statistics.median(step_times)
     tensor_log = statistics.median(tensor_times)
     log = statistics.median(log_times) if log_times else tensor_log  # per_tensor_every == log_every: every read
-    fit = statistics.median(fit_times)
+    return dict(step=statistics.median(step_times), log=log, tensor_log=tensor_log, fit=statistics.median(fit_times))
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model = small_neox(args).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = InstrumentedAdamW(model.named_parameters(), lr=1e-3, weight_decay=0.01, fused=True if cuda else None)
+    monitor = ForceMonitor(opt, model, [JsonlSink(tempfile.mkdtemp())], log_every=args.log_every, weibull_every=0,
+                           per_tensor_every=args.per_tensor_every)  # fmt: skip
+    step_model = torch.compile(model) if args.compile else model
+    x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
+
+    def train_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+            logits = step_model(input_ids=x[:, :-1]).logits
+        F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    pieces = time_log_pieces(opt, monitor)
+    m = measure(args, train_step, monitor, sync, pieces)
+    monitor.close()
+    report(args, m, {name: statistics.median(times) for name, times in pieces.items() if times}, device, n_params)
+
+
+def report(args, m: dict[str, float], parts: dict[str, float], device, n_params: int) -> None:
+    step, log, tensor_log, fit = m["step"], m["log"], m["tensor_log"], m["fit"]
     per_step = log / args.log_every + max(tensor_log - log, 0.0) / args.per_tensor_every + fit / args.weibull_every
     env = environment(device)
     print(f"device {env['device_name']}, {n_params:,} params, batch {args.batch}x{args.seq}, compiled={args.compile}, "
@@ -133,7 +151,6 @@ def main() -> None:
           f"{max(tensor_log - log, 0) / every * 1e3:.3f} ms/step")  # fmt: skip
     every = args.weibull_every
     print(f"monitor.fit every {every:<4}       {fit * 1e3:9.2f} ms -> {fit / every * 1e3:.3f} ms/step")
-    parts = {name: statistics.median(times) for name, times in pieces.items() if times}
     print("  of a log (median, every read):  " + ", ".join(f"{n} {v * 1e3:.2f} ms" for n, v in parts.items()))
     print(f"monitoring overhead: {100 * per_step / step:.2f}% of training wall time (target <= 1%)")
     rows = [

@@ -74,6 +74,30 @@ def make_step(opt: torch.optim.Optimizer, how: str) -> Callable[[], None]:
     return opt.step
 
 
+def interleaved_times(rows, params, args) -> dict[str, list[float]]:
+    """Each variant built and warmed up, then timed one step per variant per round, in rotating order."""
+    device = args.device
+    steps, built = {}, {}
+    for label, cls, flags, how in rows:
+        t0 = time.perf_counter()
+        opt = cls(params, lr=1e-3, weight_decay=0.01, **flags)
+        step = make_step(opt, how)
+        for _ in range(args.warmup):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        steps[label], built[label] = step, time.perf_counter() - t0
+        print(f"  warmed up {label} ({built[label]:.1f} s)", flush=True)
+    clock = timer(device)
+    times: dict[str, list[float]] = {label: [] for label in steps}
+    labels = list(steps)
+    for r in range(args.rounds):
+        order = labels[r % len(labels) :] + labels[: r % len(labels)]  # rotate: no variant always runs first
+        for label in order:
+            times[label].append(clock(steps[label]))
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -100,26 +124,7 @@ def main() -> None:
     n = sum(p.numel() for p in params)
     print(f"{args.model}: {n:,} fp32 parameters in {len(params)} tensors; warm-up {args.warmup}, {args.rounds} rounds")
 
-    rows = variants(device, not args.no_compile)
-    steps, built = {}, {}
-    for label, cls, flags, how in rows:
-        t0 = time.perf_counter()
-        opt = cls(params, lr=1e-3, weight_decay=0.01, **flags)
-        step = make_step(opt, how)
-        for _ in range(args.warmup):
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        steps[label], built[label] = step, time.perf_counter() - t0
-        print(f"  warmed up {label} ({built[label]:.1f} s)", flush=True)
-
-    clock = timer(device)
-    times: dict[str, list[float]] = {label: [] for label in steps}
-    labels = list(steps)
-    for r in range(args.rounds):
-        order = labels[r % len(labels) :] + labels[: r % len(labels)]  # rotate: no variant always runs first
-        for label in order:
-            times[label].append(clock(steps[label]))
+    times = interleaved_times(variants(device, not args.no_compile), params, args)
     ms = {label: 1e3 * statistics.median(t) for label, t in times.items()}
 
     bases = [b for b in BASELINES if b in ms]

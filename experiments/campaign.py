@@ -108,46 +108,12 @@ def load_campaign(path: str | Path, root: str | Path = ".", validate_configs: bo
         raise CampaignError(f"campaign file {path} does not exist")
     tree = yaml.safe_load(path.read_text()) or {}
     sets = {k: _strings(v, f"source_sets.{k}") for k, v in (tree.get("source_sets") or {}).items()}
-
-    def sources(values, where):
-        out = []
-        for v in _strings(values, where):
-            if v.startswith("@"):
-                if v[1:] not in sets:
-                    raise CampaignError(f"{where}: unknown source set {v!r}; sets: {sorted(sets)}")
-                out.extend(sets[v[1:]])
-            else:
-                out.append(v)
-        missing = [s for s in out if not (root / s).is_file()]
-        if missing:
-            raise CampaignError(f"{where}: source files not found: {missing}")
-        return tuple(out)
-
+    sources = _SourceFiles(root, sets)
     checks = _need(tree, "checks", "campaign", dict)
     bench_tree = _need(tree, "bench", "campaign", dict)
-    bench = []
-    for i, b in enumerate(_need(bench_tree, "scripts", "bench", list)):
-        where = f"bench.scripts[{i}]"
-        name = str(_need(b, "name", where))
-        script = str(b.get("script", f"bench/{name}.py"))
-        if not (root / script).is_file():
-            raise CampaignError(f"{where}: script {script} not found")
-        bench.append(BenchSpec(name, script, _strings(b.get("args", []), f"{where}.args"),
-                               sources(b.get("sources", [script]), f"{where}.sources"),
-                               float(b.get("estimate_s", 60))))  # fmt: skip
+    bench = _bench_specs(bench_tree, root, sources)
     runs_tree = _need(tree, "runs", "campaign", dict)
-    runs = []
-    for i, r in enumerate(_need(runs_tree, "list", "runs", list)):
-        where = f"runs.list[{i}]"
-        name = str(_need(r, "name", where))
-        if not NAME.fullmatch(name):
-            raise CampaignError(f"{where}: name {name!r} must be letters, digits, '.', '_' or '-' (a folder name)")
-        config = str(_need(r, "config", where))
-        if not (root / config).is_file():
-            raise CampaignError(f"{where} ({name}): config {config} not found")
-        runs.append(RunSpec(name, config, _strings(r.get("overrides", []), f"{where}.overrides"),
-                            str(r.get("group", "other")), " ".join(str(r.get("why", "")).split()),
-                            bool(r.get("spline", False))))  # fmt: skip
+    runs = _run_specs(runs_tree, root)
     names = [r.name for r in runs] + [b.name for b in bench]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -182,6 +148,57 @@ def load_campaign(path: str | Path, root: str | Path = ".", validate_configs: bo
                 except ConfigError as exc:
                     raise CampaignError(f"run {run.name}{' (dry run)' if dry_run else ''}: {exc}") from None
     return campaign
+
+
+class _SourceFiles:
+    """A ``sources`` list with ``@set`` entries expanded, every file checked to exist."""
+
+    def __init__(self, root: Path, sets: dict[str, tuple[str, ...]]) -> None:
+        self.root, self.sets = root, sets
+
+    def __call__(self, values, where: str) -> tuple[str, ...]:
+        out = []
+        for v in _strings(values, where):
+            if v.startswith("@"):
+                if v[1:] not in self.sets:
+                    raise CampaignError(f"{where}: unknown source set {v!r}; sets: {sorted(self.sets)}")
+                out.extend(self.sets[v[1:]])
+            else:
+                out.append(v)
+        missing = [s for s in out if not (self.root / s).is_file()]
+        if missing:
+            raise CampaignError(f"{where}: source files not found: {missing}")
+        return tuple(out)
+
+
+def _bench_specs(bench_tree: dict, root: Path, sources: _SourceFiles) -> list[BenchSpec]:
+    bench = []
+    for i, b in enumerate(_need(bench_tree, "scripts", "bench", list)):
+        where = f"bench.scripts[{i}]"
+        name = str(_need(b, "name", where))
+        script = str(b.get("script", f"bench/{name}.py"))
+        if not (root / script).is_file():
+            raise CampaignError(f"{where}: script {script} not found")
+        bench.append(BenchSpec(name, script, _strings(b.get("args", []), f"{where}.args"),
+                               sources(b.get("sources", [script]), f"{where}.sources"),
+                               float(b.get("estimate_s", 60))))  # fmt: skip
+    return bench
+
+
+def _run_specs(runs_tree: dict, root: Path) -> list[RunSpec]:
+    runs = []
+    for i, r in enumerate(_need(runs_tree, "list", "runs", list)):
+        where = f"runs.list[{i}]"
+        name = str(_need(r, "name", where))
+        if not NAME.fullmatch(name):
+            raise CampaignError(f"{where}: name {name!r} must be letters, digits, '.', '_' or '-' (a folder name)")
+        config = str(_need(r, "config", where))
+        if not (root / config).is_file():
+            raise CampaignError(f"{where} ({name}): config {config} not found")
+        runs.append(RunSpec(name, config, _strings(r.get("overrides", []), f"{where}.overrides"),
+                            str(r.get("group", "other")), " ".join(str(r.get("why", "")).split()),
+                            bool(r.get("spline", False))))  # fmt: skip
+    return runs
 
 
 def run_overrides(campaign: Campaign, run: RunSpec, dry_run: bool, extra: tuple[str, ...] = ()) -> list[str]:

@@ -169,6 +169,39 @@ def last_record_time(run_dir: Path) -> float:
     return float(read_jsonl(run_dir / "metrics.jsonl")[-1]["time"])
 
 
+def run_all(todo: list[StudyRun], parallel: int, out_dir: str) -> list[str]:
+    """Train ``todo``, ``parallel`` at a time with cores / ``parallel`` threads each, packing each run as it ends;
+    returns the names of the runs that failed."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
+    todo = list(todo)
+    running: list[tuple[StudyRun, subprocess.Popen, float, Path]] = []
+    failed = []
+    while todo or running:
+        while todo and len(running) < parallel:
+            run = todo.pop(0)
+            cmd = [*run.command(), f"run.out_dir={out_dir}", "run.overwrite=true"]
+            log_path = ROOT / out_dir / f"{run.name}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            print(f"study: {run.name} started ({threads} thread(s)); log {log_path.relative_to(ROOT)}", flush=True)
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+            running.append((run, proc, time.perf_counter(), ROOT / out_dir / run.name))
+        for entry in list(running):
+            run, proc, t0, run_dir = entry
+            if proc.poll() is None:
+                continue
+            running.remove(entry)
+            wall = time.perf_counter() - t0
+            if proc.returncode:
+                failed.append(run.name)
+                print(f"study: {run.name} FAILED (exit {proc.returncode}) after {wall / 60:.1f} min", flush=True)
+                continue
+            out = pack(run, run_dir, wall, threads)
+            print(f"study: {run.name} done in {wall / 60:.1f} min -> {out.relative_to(ROOT)}", flush=True)
+        time.sleep(1.0)
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.cpu_study", description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=None, help="run names (e.g. cpu_rise_s1); default: all")
@@ -202,32 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"study: {r.name} already in results/cpu_study with this config: skipped")
     if todo:
         ensure_tokens()
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
-    running: list[tuple[StudyRun, subprocess.Popen, float, Path]] = []
-    failed = []
-    while todo or running:
-        while todo and len(running) < args.parallel:
-            run = todo.pop(0)
-            cmd = [*run.command(), f"run.out_dir={args.out_dir}", "run.overwrite=true"]
-            log_path = ROOT / args.out_dir / f"{run.name}.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            print(f"study: {run.name} started ({threads} thread(s)); log {log_path.relative_to(ROOT)}", flush=True)
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-            running.append((run, proc, time.perf_counter(), ROOT / args.out_dir / run.name))
-        for item in list(running):
-            run, proc, t0, run_dir = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            wall = time.perf_counter() - t0
-            if proc.returncode:
-                failed.append(run.name)
-                print(f"study: {run.name} FAILED (exit {proc.returncode}) after {wall / 60:.1f} min", flush=True)
-                continue
-            out = pack(run, run_dir, wall, threads)
-            print(f"study: {run.name} done in {wall / 60:.1f} min -> {out.relative_to(ROOT)}", flush=True)
-        time.sleep(1.0)
+    failed = run_all(todo, args.parallel, args.out_dir)
     from experiments.results_doc.__main__ import main as regenerate_docs
     from experiments.results_doc.cpu_study_sections import study_figures
 

@@ -20,7 +20,6 @@ import pytest
 import yaml
 
 from experiments import bundle
-from experiments.compact_logs import compact_jsonl
 from experiments.campaign import (
     NAME,
     CampaignError,
@@ -29,6 +28,7 @@ from experiments.campaign import (
     resolve,
     run_states,
 )
+from experiments.compact_logs import compact_jsonl
 from experiments.gpu_evidence.window import EvidenceLog, ensure_tokens
 from experiments.results_doc import generate
 from instrumented_adamw.analysis.runs import load_run

@@ -138,11 +138,46 @@ def _failed_checks(win: Window) -> str | None:
 
 
 def run_campaign(win: Window, only: list[str], max_runs: int | None, max_concurrent: int | None) -> dict[str, Any]:
+    chosen = _runs_to_start(win, only)
+    if not chosen:
+        return {}
+    model = timing_model(win)
+    win.log(f"[runs] run-time model: {json.dumps(model.summary())}")
+    pending, specs = _worker_specs(win, chosen)
+    launcher = RunLauncher(win, specs)
+    profiles = {i.name: i.profile for i in pending}
+    c = win.campaign
+    fast = win.dry  # demo-size runs: measure over seconds, not tens of seconds
+    concurrent = max_concurrent or int(c.dry.get("max_concurrent", 1) if win.dry else c.max_concurrent)
+    scheduler = Scheduler(
+        pending, win.budget, model, launcher, max_concurrent=concurrent, measure_s=3.0 if fast else 20.0,
+        warmup_s=1.0 if fast else 5.0, poll_s=0.5 if fast else 2.0, max_starts=max_runs,
+        free_gpu_gib=_free_gpu_gib if win.device["kind"] == "cuda" else (lambda: None),
+        free_disk_gib=lambda: shutil.disk_usage(win.work).free / 2**30, log=win.log,
+        on_finish=lambda o: _settle(win, o, profiles, launcher, scheduler, model),
+    )  # fmt: skip
+    win.calibration = dict(measurements=scheduler.measurements, model=model.summary())
+    try:
+        outcomes = scheduler.run()
+    finally:  # whatever happens here, no run outlives the command (they run in their own sessions)
+        for job in list(scheduler.running):
+            job.handle.stop()
+            outcome = RunOutcome(job.item.name, "stopped", "the command was interrupted", {})
+            _settle(win, outcome, profiles, launcher, scheduler, model)
+    for o in outcomes:
+        if o.status == "not started":
+            win.piece("runs", o.name, "not started", o.reason, arch=profiles[o.name].arch)
+    win.calibration = dict(measurements=scheduler.measurements, model=model.summary())
+    return win.calibration
+
+
+def _runs_to_start(win: Window, only: list[str]) -> list:
+    """The campaign runs (``only`` these, if given) not yet in results/ for the current config, unless the kernel
+    checks failed on this device; each skipped one is recorded with its reason."""
     c = win.campaign
     states = {s.name: s for s in run_states(c, win.results, win.dry)}
-    names = only or [r.name for r in c.runs]
     chosen = []
-    for name in names:
+    for name in only or [r.name for r in c.runs]:
         state = states[c.run(name).name]
         if state.state == "done" and "runs" not in win.redo:
             win.piece("runs", name, "skipped", f"already in results/ ({state.detail})")
@@ -150,17 +185,19 @@ def run_campaign(win: Window, only: list[str], max_runs: int | None, max_concurr
             if state.state == "stale":
                 win.log(f"[runs] {name}: {state.detail}; it runs again")
             chosen.append(c.run(name))
-    if not chosen:
-        return {}
-    broken = _failed_checks(win)
+    broken = _failed_checks(win) if chosen else None
     if broken and not win.force_runs:
         for run in chosen:
             win.piece("runs", run.name, "not started", f"the kernel checks failed on this device ({broken}): the runs "
                       "use that kernel; fix it first (or --force-runs)")  # fmt: skip
-        return {}
-    model = timing_model(win)
-    win.log(f"[runs] run-time model: {json.dumps(model.summary())}")
-    items, specs = [], {}
+        return []
+    return chosen
+
+
+def _worker_specs(win: Window, chosen: list) -> tuple[list[PendingRun], dict[str, dict[str, Any]]]:
+    """For the scheduler, each run's profile (arch, steps, snapshots); for its worker, what to train and where."""
+    c = win.campaign
+    pending, specs = [], {}
     work_runs = win.work / "runs"
     for run in chosen:
         extra = (f"run.out_dir={work_runs}", f"data.cache_dir={win.work / 'cache'}", "run.overwrite=true")
@@ -168,7 +205,7 @@ def run_campaign(win: Window, only: list[str], max_runs: int | None, max_concurr
         steps = cfg.schedule.total_steps
         profile = RunProfile(cfg.model.arch, steps, snapshot_count(steps, cfg.checkpoint.every, cfg.checkpoint.early),
                              min(cfg.checkpoint.every, steps), run.spline)  # fmt: skip
-        items.append(PendingRun(run.name, profile))
+        pending.append(PendingRun(run.name, profile))
         specs[run.name] = dict(
             name=run.name, config=run.config, overrides=run_overrides(c, run, win.dry, extra),
             run_dir=str(work_runs / run.name),
@@ -177,54 +214,33 @@ def run_campaign(win: Window, only: list[str], max_runs: int | None, max_concurr
             spline=run.spline, reproduce=reproduce_command(c, run, win.dry), window=win.name, dry_run=win.dry,
             commit=win.commit, device=win.device, evidence_command=win.argv,
         )  # fmt: skip
-    launcher = RunLauncher(win, specs)
-    profiles = {i.name: i.profile for i in items}
+    return pending, specs
 
-    def settle(o: RunOutcome) -> None:
-        """A run's outcome into the bundle: a complete run's folder (with the scheduler's timing), else the reason
-        and the end of its output; the bundle in --out is rewritten at once, so a window cut short keeps it."""
-        kind = dict(arch=profiles[o.name].arch, spline=profiles[o.name].spline)  # what later windows learn from
-        folder = win.staging / "runs" / o.name
-        record_file = folder / "run.json"
-        shutil.rmtree(work_runs / o.name, ignore_errors=True)  # checkpoints never leave the machine
-        if o.status == "done" and record_file.is_file():
-            record = json.loads(record_file.read_text())
-            record["timing"]["scheduler"] = o.timing
-            record_file.write_bytes(bundle.json_bytes(record))
-            win.order.append(f"runs/{o.name}")
-            win.piece("runs", o.name, "done", f"{o.timing.get('wall_s', 0):.0f} s", timing=o.timing, **kind,
-                      folder=f"runs/{o.name}", errors=record.get("errors"))  # fmt: skip
-        else:
-            if folder.exists():
-                shutil.rmtree(folder)  # only complete runs are results
-            log = win.work / "logs" / f"{o.name}.log"
-            tail = bundle.read_text_tail(log, 4000) if o.name in launcher.procs else ""
-            status = "failed" if o.status == "done" else o.status
-            reason = o.reason or ("the worker wrote no run.json" if o.status == "done" else "")
-            win.piece("runs", o.name, status, reason, timing=o.timing, output_tail=tail, **kind)
-        win.calibration = dict(measurements=scheduler.measurements, model=model.summary())
-        win.checkpoint()
 
-    fast = win.dry  # demo-size runs: measure over seconds, not tens of seconds
-    concurrent = max_concurrent or int(c.dry.get("max_concurrent", 1) if win.dry else c.max_concurrent)
-    scheduler = Scheduler(
-        items, win.budget, model, launcher, max_concurrent=concurrent, measure_s=3.0 if fast else 20.0,
-        warmup_s=1.0 if fast else 5.0, poll_s=0.5 if fast else 2.0, max_starts=max_runs,
-        free_gpu_gib=_free_gpu_gib if win.device["kind"] == "cuda" else (lambda: None),
-        free_disk_gib=lambda: shutil.disk_usage(win.work).free / 2**30, log=win.log, on_finish=settle,
-    )  # fmt: skip
+def _settle(win: Window, o: RunOutcome, profiles, launcher: RunLauncher, scheduler: Scheduler, model) -> None:
+    """A run's outcome into the bundle: a complete run's folder (with the scheduler's timing), else the reason and
+    the end of its output; the bundle in --out is rewritten at once, so a window cut short keeps it."""
+    kind = dict(arch=profiles[o.name].arch, spline=profiles[o.name].spline)  # what later windows learn from
+    folder = win.staging / "runs" / o.name
+    record_file = folder / "run.json"
+    shutil.rmtree(win.work / "runs" / o.name, ignore_errors=True)  # checkpoints never leave the machine
+    if o.status == "done" and record_file.is_file():
+        record = json.loads(record_file.read_text())
+        record["timing"]["scheduler"] = o.timing
+        record_file.write_bytes(bundle.json_bytes(record))
+        win.order.append(f"runs/{o.name}")
+        win.piece("runs", o.name, "done", f"{o.timing.get('wall_s', 0):.0f} s", timing=o.timing, **kind,
+                  folder=f"runs/{o.name}", errors=record.get("errors"))  # fmt: skip
+    else:
+        if folder.exists():
+            shutil.rmtree(folder)  # only complete runs are results
+        log = win.work / "logs" / f"{o.name}.log"
+        tail = bundle.read_text_tail(log, 4000) if o.name in launcher.procs else ""
+        status = "failed" if o.status == "done" else o.status
+        reason = o.reason or ("the worker wrote no run.json" if o.status == "done" else "")
+        win.piece("runs", o.name, status, reason, timing=o.timing, output_tail=tail, **kind)
     win.calibration = dict(measurements=scheduler.measurements, model=model.summary())
-    try:
-        outcomes = scheduler.run()
-    finally:  # whatever happens here, no run outlives the command (they run in their own sessions)
-        for job in list(scheduler.running):
-            job.handle.stop()
-            settle(RunOutcome(job.item.name, "stopped", "the command was interrupted", {}))
-    for o in outcomes:
-        if o.status == "not started":
-            win.piece("runs", o.name, "not started", o.reason, arch=profiles[o.name].arch)
-    win.calibration = dict(measurements=scheduler.measurements, model=model.summary())
-    return win.calibration
+    win.checkpoint()
 
 
 def _status(path: Path, phase: str, **extra: Any) -> None:

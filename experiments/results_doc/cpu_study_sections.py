@@ -224,28 +224,8 @@ def _figures(root: Path, names: list[str], docs_rel: str) -> str:
     return " ".join(f"![{f}]({docs_rel}/figures/{f})" for f in figs)
 
 
-def section_cpu_study(root: Path, docs_rel: str = "../results/cpu_study") -> str:
-    runs = [r for r in load_study(root) if r.group == "adamw"]
-    rise, ttau = _of(runs, "adamw", "rise"), _of(runs, "adamw", "ttau")
-    if not runs:
-        return f"*Pending:* no CPU-study run is committed under `results/cpu_study/`. Produced by {COMMAND}."
-    first = runs[0].record
-    cfg = first.get("config", {})
-    m, d = cfg.get("model", {}), cfg.get("data", {})
-    out = [
-        f"GPT-NeoX, {m.get('num_layers')} layers, hidden {m.get('hidden_size')}, vocabulary {m.get('vocab_size'):,} "
-        f"(the study's BPE tokenizer on the offline English corpus), sequence {d.get('seq_len')} × batch "
-        f"{d.get('batch_size')}, on {first.get('device', {}).get('name', 'CPU')}; configs in `configs/cpu_study/`, "
-        f"command {COMMAND}. Runs of {cfg.get('schedule', {}).get('total_steps', '?'):,} steps are compared with "
-        f"the papers' {PAPER_TOTAL_STEPS:,}-step runs at the same fraction of training.",
-        "",
-        _runs_table(runs),
-        "",
-        "**Transmission force budget** (align / inject / decay, % of |align| + inject + |decay|, pre-update W):",
-        "",
-        _share_table(runs),
-        "",
-    ]
+def _target_verdicts(rise: list[PackedStudyRun], ttau: list[PackedStudyRun]) -> list[str]:
+    """The study's targets (issue 17) for the rise-phase and the T/τ-matched runs, each met or missed."""
     verdicts = []
     if rise:
         vals = [rise_align(r.log) for r in rise]
@@ -275,19 +255,12 @@ def section_cpu_study(root: Path, docs_rel: str = "../results/cpu_study") -> str
                 f"- T/τ-matched seed spread: peak fraction {_spread([100 * c['peak_fraction'] for c in courses])} "
                 f"points, relaxation {_spread([100 * c['relaxation'] for c in courses])} points."
             )
-    out += ["**Targets** (issue 17):", "", *verdicts, ""]
-    out += [
-        "**λ rise → peak → relax** (mean over the Transmission blocks of the per-block mid-80 λ; RMS of the class "
-        "from the force log):",
-        "",
-        _lambda_table(runs),
-        "",
-        "**k per block** at the last fit (Transmission blocks: `o` attention output, `ffn_in` / `ffn_out` MLP in and "
-        "out; the half-normal anchor is 1.2054):",
-        "",
-        _k_table(runs),
-        "",
-    ]
+    return verdicts
+
+
+def _analysis_lines(runs: list[PackedStudyRun], rise: list[PackedStudyRun], ttau: list[PackedStudyRun]) -> list[str]:
+    """Closed loop and spline recovery: the table, what was not computed, and the spread across seeds."""
+    out: list[str] = []
     analysis, skipped = _analysis_table(runs)
     out += [
         "**Closed loop and spline recovery** (`instrumented-adamw analyze`): logRMSE of λ predicted from ‖W‖²(0) and "
@@ -312,6 +285,46 @@ def section_cpu_study(root: Path, docs_rel: str = "../results/cpu_study") -> str
                 spread.append(f"S = {s}: {fmt_f(min(meds), 3)}–{fmt_f(max(meds), 3)}")
         if spread:
             out += ["", f"Spline recovery (step time) across the {role} seeds: " + "; ".join(spread) + "."]
+    return out
+
+
+def section_cpu_study(root: Path, docs_rel: str = "../results/cpu_study") -> str:
+    runs = [r for r in load_study(root) if r.group == "adamw"]
+    rise, ttau = _of(runs, "adamw", "rise"), _of(runs, "adamw", "ttau")
+    if not runs:
+        return f"*Pending:* no CPU-study run is committed under `results/cpu_study/`. Produced by {COMMAND}."
+    first = runs[0].record
+    cfg = first.get("config", {})
+    m, d = cfg.get("model", {}), cfg.get("data", {})
+    out = [
+        f"GPT-NeoX, {m.get('num_layers')} layers, hidden {m.get('hidden_size')}, vocabulary {m.get('vocab_size'):,} "
+        f"(the study's BPE tokenizer on the offline English corpus), sequence {d.get('seq_len')} × batch "
+        f"{d.get('batch_size')}, on {first.get('device', {}).get('name', 'CPU')}; configs in `configs/cpu_study/`, "
+        f"command {COMMAND}. Runs of {cfg.get('schedule', {}).get('total_steps', '?'):,} steps are compared with "
+        f"the papers' {PAPER_TOTAL_STEPS:,}-step runs at the same fraction of training.",
+        "",
+        _runs_table(runs),
+        "",
+        "**Transmission force budget** (align / inject / decay, % of |align| + inject + |decay|, pre-update W):",
+        "",
+        _share_table(runs),
+        "",
+    ]
+    verdicts = _target_verdicts(rise, ttau)
+    out += ["**Targets** (issue 17):", "", *verdicts, ""]
+    out += [
+        "**λ rise → peak → relax** (mean over the Transmission blocks of the per-block mid-80 λ; RMS of the class "
+        "from the force log):",
+        "",
+        _lambda_table(runs),
+        "",
+        "**k per block** at the last fit (Transmission blocks: `o` attention output, `ffn_in` / `ffn_out` MLP in and "
+        "out; the half-normal anchor is 1.2054):",
+        "",
+        _k_table(runs),
+        "",
+    ]
+    out += _analysis_lines(runs, rise, ttau)
     figs = _figures(root, ["lambda.png", "align_share.png", "rms.png"], docs_rel)
     if figs:
         out += ["", figs]
