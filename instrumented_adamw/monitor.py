@@ -383,8 +383,8 @@ class ForceMonitor:
             p = self._params[name]
             if p.ndim < 2:
                 continue
-            if hasattr(p, "full_tensor"):  # an FSDP2 shard: gather the matrix (a collective: every rank calls fit)
-                p = p.full_tensor()
+            if hasattr(p, "full_tensor"):  # a DTensor (any mesh, any placement): gather the matrix, one all-gather
+                p = p.full_tensor()  # per matrix and fit (a collective: every rank calls fit and fits the same)
             role = self.roles[name]
             try:
                 fit = fit_weibull(p, self.trim)

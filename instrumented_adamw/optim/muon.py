@@ -11,6 +11,11 @@ The reductions are taken from the O the update actually used (torch computes it 
 read-out is :class:`~instrumented_adamw.optim.tracking.ForceTracking`'s, shared with ``InstrumentedAdamW``: in it
 ``w_dot_u`` is ⟨W,O⟩, ``u_sq`` ‖O‖², ``lr`` the decay's η and ``update_lr`` η_u.
 
+Sharded matrices (FSDP2, tensor parallel: DTensors) take torch's Muon step as it stands: Newton–Schulz runs on the
+DTensors, whose operators gather what the matrix products need, so the update is the global one, bitwise
+``torch.optim.Muon``'s on the same DTensors. The reductions are then taken on the local shards, with O laid out
+as W (the redistribution the in-place update does anyway), and combined across ranks on read like AdamW's.
+
 Muon orthogonalises matrices: it takes 2-D parameters only (hidden weights). Embeddings, the head, norms and
 biases go to AdamW; :func:`hybrid_param_groups` makes the usual split and :class:`~instrumented_adamw.optim.hybrid.
 HybridOptimizer` steps both as one.
@@ -27,7 +32,7 @@ from torch.optim.optimizer import _to_scalar
 
 from instrumented_adamw.kernels.reductions import reduce3, reduction_dtype
 from instrumented_adamw.optim.functional import StackedReductions
-from instrumented_adamw.optim.tracking import ForceTracking
+from instrumented_adamw.optim.tracking import ForceTracking, is_dtensor, local_tensor
 
 #: The torch release that ships ``torch.optim.Muon``.
 MUON_TORCH = "2.9"
@@ -147,7 +152,12 @@ class InstrumentedMuon(ForceTracking, _muon_base()):
                         table = torch.empty(len(params), 3, dtype=torch.float64, device=device)
                         measured[device] = ([], table, [])
                     positions, table, etas = measured[device]
-                    reduce3(param, update, out=table[len(positions)])  # pre-update W, the O the update uses
+                    if is_dtensor(param) and update.placements != param.placements:
+                        # Laid out as W's shards (the in-place update below would do this itself): the local
+                        # reductions are then W's shard against its own part of O, combined on read like AdamW's.
+                        update = update.redistribute(param.device_mesh, param.placements)
+                    # pre-update W, the O the update uses
+                    reduce3(local_tensor(param), local_tensor(update), out=table[len(positions)])
                     positions.append(i)
                     etas.append(adjusted_lr)
                 param.mul_(1 - lr * weight_decay)

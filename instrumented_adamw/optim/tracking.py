@@ -8,7 +8,8 @@ with the lr of the update and the lr and λ of the decay. Everything else is her
 * names (``named_parameters``, ``group{g}.param{i}`` otherwise, :meth:`name_parameters` from a model) and
   ``track_filter``;
 * the float64 force tables on each device (:mod:`.forces`), the read-out with one device-to-host copy per device,
-  and the FSDP2 combine of per-shard partial sums in one all-reduce;
+  and the combine of DTensor shards' partial sums (any placement on any mesh) with one all-reduce per process
+  group;
 * when to measure (``track_every``, as a CPU tensor counter that survives ``torch.compile``), carried in state
   dicts, deep copies and pickles;
 * decoupled decay schedules: ``"lr"`` (torch's) and ``"lr_squared"`` (λ_t = λ·η_t/η_max, with η_max found from the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import copy
 import pickle
 import re
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -40,10 +42,17 @@ _GENERIC_NAME = re.compile(r"group\d+\.param\d+")
 #: Relative slack when checking lr_t ≤ η_max for ``lr_squared`` (schedulers compute the peak in float arithmetic).
 _PEAK_SLACK = 1e-9
 
-try:  # FSDP2 parameters are DTensors; plain torch builds without distributed support have none
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = Shard = None  # type: ignore[assignment,misc]
+
+def _dtensor_class():
+    """``DTensor``, if anything has imported it: no DTensor can exist before (FSDP2, TP and DCP import it), and
+    importing it here would cost every user a second of start-up."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None) if module is not None else None
+
+
+def is_dtensor(t) -> bool:
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 def unwrap_optimizer(optimizer):
@@ -60,12 +69,13 @@ def unwrap_optimizer(optimizer):
 
 def local_tensor(t):
     """The local shard of a DTensor (sharing its storage), or ``t`` itself."""
-    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def any_dtensor(tensors) -> bool:
     """Whether any of ``tensors`` is a DTensor: the per-step check that lets plain tensors skip ``local_tensor``."""
-    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+    cls = _dtensor_class()
+    return cls is not None and any(isinstance(t, cls) for t in tensors)
 
 
 class ForceTracking:
@@ -103,10 +113,13 @@ class ForceTracking:
         # attribute stores on an optimizer it traces. Reading it is a host read, never a device sync.
         self._calls = torch.zeros((), dtype=torch.int64)
         self._rows: dict[int, tuple[torch.device, int]] = {}
-        self._sharded_rows: dict[torch.device, list[bool]] = {}  # rows whose tensor is a DTensor shard
-        self._shard_group = None  # process group of the DTensor parameters (one 1-D mesh)
+        # DTensor rows: per device table, the process groups each row's element sums are summed over (the groups of
+        # its sharded mesh dimensions), and every such group once, in the order rows first name them.
+        self._row_groups: dict[torch.device, list[tuple[Any, ...]]] = {}
+        self._sum_groups: dict[torch.device, list[Any]] = {}
         self._stats: dict[torch.device, ForceStats] = {}
         self._tracked_params: dict[torch.device, list[Tensor]] = {}
+        self._known_lists: tuple[int, ...] | None = None  # param lists last checked to hold only known tensors
         self._reset_host_caches()
 
     def _reset_host_caches(self) -> None:
@@ -118,6 +131,8 @@ class ForceTracking:
         self._calls.add_(1)  # in place: survives torch.compile
         if not self._track:
             return False, None
+        if not torch.compiler.is_compiling():
+            self._check_params_known()
         if self._track_every == 1:
             return True, None
         if torch.compiler.is_compiling():
@@ -136,11 +151,17 @@ class ForceTracking:
         group = self.param_groups[g]
         group.setdefault("lr_peak", self._lr_peak)
         _check_peak(group["lr_peak"], f"param_groups[{g}]['lr_peak']")
+        group["track_calls"] = int(self._calls)
         lr = group["lr"]
         self._created_lr.append(float(lr) if not isinstance(lr, Tensor) else None)
         names = group.get("param_names")
+        taken = set(self._names.values())
         for i, p in enumerate(group["params"]):
-            self._names[id(p)] = names[i] if names else f"group{g}.param{i}"
+            name = names[i] if names else f"group{g}.param{i}"
+            if name in taken:  # torch accepts repeated names; the read-out is keyed by name and must keep both
+                name = _disambiguate(name, taken, f"{type(self).__name__}: param_groups[{g}]")
+            taken.add(name)
+            self._names[id(p)] = name
             if not names:
                 self._generic.add(id(p))
         self._rebuild_tracking()
@@ -151,9 +172,9 @@ class ForceTracking:
         Rows of tensors tracked before keep their values (``keep``), so renaming or adding a group loses nothing.
         ``only`` (parameter ids) replaces the filter: a restored copy tracks exactly what the original tracked.
         """
+        self._check_params_known(cached=False)
         old_rows, old_stats = self._rows, self._stats
-        self._rows, self._stats, self._tracked_params, self._sharded_rows = {}, {}, {}, {}
-        self._shard_group = None
+        self._rows, self._stats, self._tracked_params, self._row_groups, self._sum_groups = {}, {}, {}, {}, {}
         by_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -167,13 +188,35 @@ class ForceTracking:
         for device, items in by_device.items():
             stats = self._stats[device] = ForceStats(device)
             rows = stats.add_rows([n for n, _ in items])
-            self._sharded_rows[device] = [self._check_sharded(n, p) for n, p in items]
+            self._row_groups[device] = [_summing_groups(n, p) for n, p in items]
+            self._sum_groups[device] = _distinct(g for groups in self._row_groups[device] for g in groups)
             self._tracked_params[device] = [p for _, p in items]
             for (_, p), row in zip(items, rows, strict=True):
                 self._rows[id(p)] = (device, row)
                 old = old_rows.get(id(p)) if keep else None
                 if old is not None:
                     stats.table[row] = old_stats[old[0]].table[old[1]]
+
+    def _check_params_known(self, cached: bool = True) -> None:
+        """Refuse tensors put into the param groups behind the optimizer's back: it cannot attribute their forces
+        to the parameters it was given, and an unmeasured tensor must never read as a zero force. (Checked when a
+        group's parameter list is a new object, so a step pays one tuple comparison.)"""
+        lists = tuple(id(group["params"]) for group in self.param_groups)
+        if cached and lists == self._known_lists:
+            return
+        for g, group in enumerate(self.param_groups):
+            unknown = [p for p in group["params"] if id(p) not in self._names]
+            if unknown:
+                shapes = ", ".join(str(tuple(p.shape)) for p in unknown[:3])
+                raise RuntimeError(
+                    f"{type(self).__name__}: param_groups[{g}] holds {len(unknown)} tensor(s) it was never given "
+                    f"(shapes {shapes}): their parameters were replaced after construction. DeepSpeed ZeRO stages "
+                    "1 and 2 do this (one flat fp32 partition per rank), and forces measured on it would not be "
+                    "your parameters', so nothing is reported rather than zeros. What works: DeepSpeed ZeRO stage 0, "
+                    "torch DDP, FSDP2 or any DTensor mesh (HF Trainer and accelerate included); or pass track=False "
+                    "to train without measuring."
+                )
+        self._known_lists = lists
 
     @property
     def track_filter(self) -> Callable[[str], bool] | None:
@@ -213,43 +256,30 @@ class ForceTracking:
         """True if some tensors are known only as ``group{g}.param{i}`` (see :meth:`name_parameters`)."""
         return bool(self._generic)
 
-    def _check_sharded(self, name: str, p: Tensor) -> bool:
-        """True for a DTensor shard (FSDP2): its reductions are partial sums, combined across ranks on read."""
-        if DTensor is None or not isinstance(p, DTensor):
-            return False
-        mesh = p.device_mesh
-        if mesh.ndim != 1 or not all(isinstance(pl, Shard) for pl in p.placements):
-            raise NotImplementedError(
-                f"{name}: DTensor placements {p.placements} on a {mesh.ndim}-D mesh; force tracking supports "
-                "parameters sharded on one mesh dimension (FSDP2 fully_shard). Pass track_filter to skip it."
-            )
-        group = mesh.get_group()
-        if self._shard_group is not None and group != self._shard_group:
-            raise NotImplementedError(f"{name}: parameters sharded over different process groups")
-        self._shard_group = group
-        return True
-
     # ------------------------------------------------------------------ state dicts
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict, plus the call counter as ``param_groups[0]["track_calls"]``.
+        """torch's state dict; every param group carries the call counter as ``"track_calls"``.
 
         The counter sets which calls ``track_every`` measures; carrying it makes a resumed run measure the steps an
-        uninterrupted one would. It rides in a param group because every checkpointer (torch.save, the HF Trainer,
-        torch.distributed.checkpoint) keeps group keys; ``torch.optim.AdamW`` loads such a dict and ignores it.
+        uninterrupted one would. It rides in the param groups because every checkpointer (torch.save, the HF
+        Trainer, torch.distributed.checkpoint, torchtitan's flat DCP dicts, which restore the keys the live groups
+        have) keeps group keys; ``torch.optim.AdamW`` loads such a dict and ignores it. Every group carries it, so
+        groups stay alike (torch's state-dict tests compare them), and the live groups hold the value of the last
+        save or load.
         """
-        state = super().state_dict()
-        if state["param_groups"]:
-            state["param_groups"][0]["track_calls"] = int(self._calls)
-        return state
+        count = int(self._calls)
+        for group in self.param_groups:
+            group["track_calls"] = count
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        groups = state_dict.get("param_groups") or [{}]
-        calls = groups[0].get("track_calls")
+        groups = state_dict.get("param_groups") or []
+        calls = next((g["track_calls"] for g in groups if g.get("track_calls") is not None), None)
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            group.pop("track_calls", None)
         if calls is not None:  # absent in dicts saved by torch.optim.AdamW: the count goes on from here
             self._calls.fill_(int(calls))
+        for group in self.param_groups:
+            group["track_calls"] = int(self._calls)
 
     # ------------------------------------------------------------------ copies
     # Optimizer.__getstate__ keeps only defaults, state and param_groups; the tracking state (names, force tables,
@@ -302,6 +332,7 @@ class ForceTracking:
         self._track_filter, self._filter_lost = extra["track_filter"], extra["filter_lost"]
         self._reset_host_caches()
         self._names, self._generic, self._rows, self._stats = {}, set(), {}, {}
+        self._known_lists = None
         params = [p for group in self.param_groups for p in group["params"]]
         for p, (name, generic, _) in zip(params, extra["rows"], strict=True):
             self._names[id(p)] = name
@@ -410,8 +441,10 @@ class ForceTracking:
         One device-to-host copy per device (this is the synchronisation point; call it on log steps only). Also
         measures ‖W‖² now, which closes the books: ``residual`` = ‖W‖²_now − ‖W‖²_start − Σ forces.
 
-        With FSDP2 (DTensor shards) every rank must call it: the per-shard partial sums of all tensors are combined
-        with **one** all-reduce per device table, and every rank gets the global values.
+        With DTensor parameters (FSDP2, tensor parallel, HSDP, any mesh) every rank must call it: the per-shard
+        partial sums are combined with **one** all-reduce per process group that shards some tracked tensor (one
+        per mesh dimension: FSDP2 one, FSDP2 × TP two, HSDP one), for all tensors at once, and every rank gets the
+        global values.
         """
         names: list[str] = []
         tables, w_now = [], []
@@ -422,7 +455,7 @@ class ForceTracking:
             real = [torch.view_as_real(p) if p.is_complex() else p for p in local]
             w_sq = sq_norms_exact(real)  # float64: the residual is a small difference
             packed = torch.cat((stats.table, w_sq[:, None]), dim=1)
-            if any(self._sharded_rows[device]):
+            if self._sum_groups[device]:
                 packed = self._combine_shards(packed, device)
             host = packed.cpu().numpy()
             names.extend(stats.names)
@@ -435,21 +468,74 @@ class ForceTracking:
         return ForceReadout.from_tables(names, np.concatenate(tables), np.concatenate(w_now))
 
     def _combine_shards(self, packed: Tensor, device: torch.device) -> Tensor:
-        """Sum the additive columns over ranks in one all-reduce; rows of unsharded (replicated) tensors count
-        once (rank 0's), the per-step hyperparameters and counters stay local (identical on every rank)."""
+        """Sum each DTensor row's additive columns over the groups of its sharded mesh dimensions: one all-reduce
+        per group, in which rows not sharded over that group take no part (they keep their values). A row
+        replicated over a dimension is not summed over it (every rank there holds the same value); the per-step
+        hyperparameters and counters stay local (identical on every rank)."""
         import torch.distributed as dist
 
         cols = torch.tensor(additive_columns() + [True], device=device)
-        sharded = torch.tensor(self._sharded_rows[device], device=device)
-        first = dist.get_rank(self._shard_group) == 0
-        weight = torch.where(sharded, 1.0, 1.0 if first else 0.0).to(packed.dtype)
-        contrib = torch.where(cols[None, :], packed * weight[:, None], torch.zeros_like(packed))
-        dist.all_reduce(contrib, group=self._shard_group)
-        return torch.where(cols[None, :], contrib, packed)
+        for group in self._sum_groups[device]:
+            rows = torch.tensor([any(g is group for g in gs) for gs in self._row_groups[device]], device=device)
+            take = rows[:, None] & cols[None, :]
+            contrib = torch.where(take, packed, torch.zeros_like(packed))
+            dist.all_reduce(contrib, group=group)
+            packed = torch.where(take, contrib, packed)
+        return packed
 
     def last_forces(self) -> ForceReadout:
         """Like :meth:`read_forces` without resetting the interval; ``.to_dict()`` gives the last step."""
         return self.read_forces(reset=False)
+
+
+def _disambiguate(name: str, taken: set[str], where: str) -> str:
+    """``name#1`` (``#2``, ...) for a name another tensor already has, with a warning that says so."""
+    import warnings
+
+    n = 1
+    while f"{name}#{n}" in taken:
+        n += 1
+    warnings.warn(
+        f"{where}: the parameter name {name!r} is already another tensor's; this one is reported as "
+        f"'{name}#{n}'. Pass unique names (e.g. each module's named_parameters(prefix=...)) to choose them.",
+        stacklevel=4,
+    )
+    return f"{name}#{n}"
+
+
+def _summing_groups(name: str, p: Tensor) -> tuple[Any, ...]:
+    """The process groups over which a tensor's element sums add up: those of the mesh dimensions it is sharded on
+    (``Shard``, ``_StridedShard``), in mesh order; none for a plain tensor or one replicated everywhere. A
+    ``Partial`` parameter holds pending sums an elementwise update cannot act on: refused."""
+    if not is_dtensor(p):
+        return ()
+    from torch.distributed.tensor.placement_types import Shard
+
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard  # FSDP2 x TP's dp dimension
+    except ImportError:  # pragma: no cover - older torch: no strided shards
+        _StridedShard = Shard
+    groups = []
+    for dim, placement in enumerate(p.placements):
+        if isinstance(placement, (Shard, _StridedShard)):
+            groups.append(p.device_mesh.get_group(dim))
+        elif not placement.is_replicate():
+            raise ValueError(
+                f"{name}: DTensor placement {placement} on mesh dimension {dim} ({p.placements} on a "
+                f"{p.device_mesh.ndim}-D mesh): a parameter with pending partial sums cannot take an optimizer "
+                "step; redistribute it to Shard or Replicate placements before building the optimizer"
+            )
+    return tuple(groups)
+
+
+def _distinct(groups) -> list[Any]:
+    """Each process group once (by identity), in first-seen order: every rank sees its rows in the same order,
+    so every rank issues its all-reduces group by group in the same order."""
+    out: list[Any] = []
+    for g in groups:
+        if not any(g is seen for seen in out):
+            out.append(g)
+    return out
 
 
 def _per_row(values: list, device: torch.device) -> Tensor:
