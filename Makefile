@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Extra requirement installed before the package, e.g. TORCH_SPEC=torch==2.13.0 for a specific wheel (CI does).
 TORCH_SPEC ?=
+TORCHTITAN_VERSION ?= 0.3.0
 
 # GPU evidence (docs/gpu_evidence.md). On the bare GPU machine there is no .venv and no pip: plain python3 from the
 # checkout (PYTHONPATH=.). Here the .venv's python, once it exists.
@@ -19,6 +20,9 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_SPEC),$(BIN)/pip install -q "$(TORCH_SPEC)")
 	$(BIN)/pip install -q -e ".[dev]"
+	# torchtitan for tests/test_torchtitan.py, without its pins (datasets<4.8 clashes with the dev environment's
+	# datasets); what its optimizer, metrics and model modules import is in the dev extra (tyro, spmd_types).
+	$(BIN)/pip install -q --no-deps "torchtitan==$(TORCHTITAN_VERSION)"
 	touch $@
 
 demo: $(BIN)/.installed

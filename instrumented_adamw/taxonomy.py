@@ -77,6 +77,20 @@ FAMILIES: dict[str, tuple[tuple[str, str], ...]] = {
         (_SEG + r"wpe\.", "pos_embed"),
         (_SEG + r"lm_head\.", "head"),
     ),
+    # torchtitan's Llama 3 / 4 and Qwen-style decoders (its canonical names: fused or separate QKV, SwiGLU w1/w3/w2).
+    "torchtitan": (
+        (_SEG + r"attention\.qkv_linear\.wqkv\.", "qkv"),
+        (_SEG + r"attention\.wq\.", "q"),
+        (_SEG + r"attention\.wk\.", "k"),
+        (_SEG + r"attention\.wv\.", "v"),
+        (_SEG + r"attention\.wo\.", "o"),
+        (_SEG + r"feed_forward\.w1\.", "ffn_gate"),
+        (_SEG + r"feed_forward\.w3\.", "ffn_up"),
+        (_SEG + r"feed_forward\.w2\.", "ffn_out"),
+        (_SEG + r"(?:attention_norm|ffn_norm|norm)\.", "norm"),
+        (_SEG + r"tok_embeddings\.", "embed"),
+        (_SEG + r"(?:output|lm_head)\.", "head"),
+    ),
     # torch.nn.TransformerEncoderLayer / DecoderLayer internals (self-attention only).
     "torch_transformer": (
         (_SEG + r"self_attn\.in_proj_(?:weight|bias)$", "qkv"),
@@ -106,6 +120,7 @@ _SIGNATURES = {
     "llama": re.compile(_SEG + r"self_attn\.q_proj\.weight$"),
     "gpt2": re.compile(_SEG + r"attn\.c_attn\.weight$"),
     "torch_transformer": re.compile(_SEG + r"self_attn\.in_proj_weight$"),
+    "torchtitan": re.compile(_SEG + r"attention\.(?:qkv_linear\.wqkv|wq)\.weight$"),
 }
 _WRAPPERS = re.compile(r"(?:^|\.)(?:module|_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)(?=\.)")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")

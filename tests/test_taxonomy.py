@@ -59,6 +59,26 @@ def test_wrapped_names_and_torch_transformer():
     assert all(r.cls != UNCLASSIFIED for r in roles.values())
 
 
+def test_torchtitan_canonical_names():
+    """torchtitan's Llama 3 (fused QKV) and its older separate-projection names, as its optimizers see them."""
+    block = ["attention.qkv_linear.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+    names = ["tok_embeddings.weight", *(f"layers.{i}.{b}.weight" for i in (0, 1) for b in block),
+             *(f"layers.{i}.{n}.weight" for i in (0, 1) for n in ("attention_norm", "ffn_norm")),
+             "norm.weight", "lm_head.weight"]  # fmt: skip
+    roles = classify_all(names)
+    assert {n: r.cls for n, r in roles.items() if r.layer == 1} == {
+        "layers.1.attention.qkv_linear.wqkv.weight": "QKV", "layers.1.attention.wo.weight": "Transmission",
+        "layers.1.feed_forward.w1.weight": "Transmission", "layers.1.feed_forward.w2.weight": "Transmission",
+        "layers.1.feed_forward.w3.weight": "Transmission", "layers.1.attention_norm.weight": "Other",
+        "layers.1.ffn_norm.weight": "Other",
+    }  # fmt: skip
+    assert {roles[n].component for n in ("tok_embeddings.weight", "norm.weight", "lm_head.weight")} == {
+        "embed", "norm", "head"}  # fmt: skip
+    separate = classify_all(["layers.0.attention.wq.weight", "layers.0.attention.wk.weight",
+                             "layers.0.attention.wv.weight", "output.weight"])  # fmt: skip
+    assert [r.cls for r in separate.values()] == ["Selection", "Selection", "V", "Other"]
+
+
 def test_unknown_architectures_are_unclassified_not_guessed():
     import transformers
 
