@@ -9,10 +9,14 @@ import sys
 from pathlib import Path
 
 from instrumented_adamw.utils.extras import MissingExtraError
-from instrumented_adamw.weibull import diagnostics as dx
+
+#: ``fit --method`` (instrumented_adamw.weibull.diagnostics.FIT_METHODS, named here so --help imports nothing heavy).
+FIT_METHODS = ("exact", "histogram")
 
 
 def _fit(args: argparse.Namespace) -> int:
+    from instrumented_adamw.weibull import diagnostics as dx
+
     try:
         weights = dx.load_weights(args.path, revision=args.revision)
         initial = dx.load_weights(args.init, revision=args.init_revision) if args.init else None
@@ -115,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--include-vectors", action="store_true", help="also fit biases and norm weights")
     fit.add_argument(
         "--method",
-        choices=dx.FIT_METHODS,
+        choices=FIT_METHODS,
         default="exact",
         help="exact (every element; default) or histogram (the papers' database pipeline: centred, 1024 log10 bins)",
     )

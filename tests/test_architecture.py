@@ -190,3 +190,20 @@ def test_the_wheel_holds_the_library_only(tmp_path):
     assert f"{LIB}/kernels/cpu_adamw.c" in names
     packages = {n.rpartition("/")[0] for n in names if n.endswith("/__init__.py")}
     assert packages >= {LIB, f"{LIB}/optim", f"{LIB}/kernels", f"{LIB}/weibull", f"{LIB}/analysis", f"{LIB}/utils"}
+
+
+def test_the_cli_help_imports_nothing_heavy():
+    """`instrumented-adamw --help` answers without the fits' and figures' dependencies; the fit methods it offers
+    are the diagnostics' own."""
+    import subprocess
+    import sys
+
+    from instrumented_adamw import cli
+    from instrumented_adamw.weibull import diagnostics
+
+    assert cli.FIT_METHODS == diagnostics.FIT_METHODS
+    code = ("import sys; from instrumented_adamw.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
+            "    pass\nprint(sorted(m for m in ('scipy', 'transformers', 'matplotlib', 'torch._dynamo', 'safetensors')"
+            " if m in sys.modules))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"

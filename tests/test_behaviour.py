@@ -464,3 +464,38 @@ def test_capturable_path_matches_torch(monkeypatch, foreach):
     last = ours.last_forces().to_dict()["enc.weight"]
     _, uu, ww = reference_reductions(pre["enc.weight"], ours.state[pb["enc.weight"]], 0.9, 0.999, 1e-8, False)
     assert last["u_sq"] == pytest.approx(uu, rel=1e-6) and last["w_sq"] == pytest.approx(ww, rel=1e-6)
+
+
+def test_parameters_swapped_in_behind_the_optimizer_are_refused_not_read_as_zeros():
+    """DeepSpeed ZeRO-1/2 replace the groups' tensors with flat partitions: an unknown tensor must stop the step (and
+    the monitor's renaming) with what works, never train on with every force reading zero."""
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    opt = InstrumentedAdamW([("w", w)], lr=1e-2)
+    w.grad = torch.ones(4, 4)
+    opt.step()
+    flat = torch.nn.Parameter(torch.zeros(16))
+    flat.grad = torch.ones(16)
+    opt.param_groups[0]["params"] = [flat]  # as DeepSpeed's ZeRO optimizer wrapper does
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\] holds 1 tensor.*\(16,\).*DeepSpeed ZeRO.*track=False"):
+        opt.step()
+    assert torch.equal(flat, torch.zeros(16))  # refused before anything moved
+    with pytest.raises(RuntimeError, match="replaced after construction"):  # the HF callback names from the model
+        opt.name_parameters([("model.w", w)], only_unnamed=False)
+    plain = InstrumentedAdamW([("w", w)], lr=1e-2, track=False)
+    plain.param_groups[0]["params"] = [flat]
+    plain.step()  # untracked: plain AdamW, nothing to attribute
+    assert not torch.equal(flat, torch.zeros(16))
+
+
+def test_repeated_names_are_disambiguated_with_a_warning_never_dropped():
+    """torch accepts two groups of named_parameters() with the same names; every tensor keeps its own entry."""
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"'weight' is already another tensor's; this one is reported as 'weight#1'"):
+        opt = InstrumentedAdamW([{"params": list(m[0].named_parameters())}, {"params": list(m[1].named_parameters())}])
+    assert opt.tracked_names == ["weight", "bias", "weight#1", "bias#1"]
+    m(torch.randn(5, 3)).sum().backward()
+    before = float(m[1].weight.detach().double().square().sum())
+    opt.step()
+    r = opt.read_forces()
+    assert sorted(r.to_dict()) == sorted(r.interval_dict()) == ["bias", "bias#1", "weight", "weight#1"]
+    assert r.to_dict()["weight#1"]["w_sq"] == pytest.approx(before, rel=1e-6)  # the second Linear's, pre-update

@@ -22,6 +22,7 @@ Bounds, and why:
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -354,3 +355,24 @@ def test_compiled_default_step_takes_the_kernel_unless_differentiable(differenti
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     path = opt._path(opt.param_groups[0], local, scaled=False, tracking=True)
     assert path == ("delegated" if differentiable else "cpu")
+
+
+def test_serves_is_marked_constant_for_the_compiler_as_torchs_decorator_marks():
+    """cpu_adamw marks ``serves`` as torch.compiler.assume_constant_result would, without importing the compiler at
+    start-up: if torch changes how the decorator marks a function, this fails."""
+
+    def probe() -> bool:
+        return True
+
+    marked = torch.compiler.assume_constant_result(probe)
+    added = {k: v for k, v in vars(marked).items()}
+    assert added == {"_dynamo_marked_constant": True}
+    assert {k: v for k, v in vars(cpu_adamw.serves).items()} == added
+
+
+def test_importing_the_library_does_not_import_the_compiler_or_dtensor():
+    """Start-up: `import instrumented_adamw` costs torch and little more (bench/import_time.py has the figures)."""
+    code = "import sys, instrumented_adamw; print(sorted(m for m in ('torch._dynamo', 'torch.distributed.tensor', " \
+           "'scipy', 'transformers', 'matplotlib', 'triton') if m in sys.modules))"  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"

@@ -264,3 +264,27 @@ def test_hf_trainer_callback_attaches_the_monitor(tmp_path):
     assert forces["classes"]["Transmission"]["steps"] == 5
     with pytest.raises(TypeError, match="InstrumentedAdamW"):
         Trainer(model=model, args=args, train_dataset=data, callbacks=[ForceMonitorCallback()]).train()
+
+
+def test_monitor_step_logs_every_interval_of_a_long_loop(tmp_path):
+    """A plain loop calling ForceMonitor.step every step: 26 logs at log_every=2, each covering exactly its own 2
+    steps (a log skipped or doubled anywhere in the run fails), fits on multiples of weibull_every."""
+    model = tiny_model("gpt_neox")
+    opt = InstrumentedAdamW(model.named_parameters(), lr=1e-3, weight_decay=0.1)
+    monitor = ForceMonitor(opt, model, [JsonlSink(tmp_path)], log_every=2, weibull_every=20, per_tensor=False)
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    returned = []
+    for step in range(1, 53):
+        model(input_ids=x[:, :-1], labels=x[:, 1:]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        record = monitor.step(step, loss=0.0)
+        returned.append(record is not None)
+    monitor.close()
+    assert returned == [s % 2 == 0 for s in range(1, 53)]
+    forces = read_jsonl(tmp_path / "forces.jsonl")
+    assert [r["step"] for r in forces] == list(range(2, 53, 2))
+    for r in forces:
+        assert {c["steps"] for c in r["classes"].values()} == {2}, r["step"]
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(2, 53, 2))
+    assert [r["step"] for r in read_jsonl(tmp_path / "weibull.jsonl")] == [20, 40]

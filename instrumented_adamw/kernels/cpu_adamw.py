@@ -228,7 +228,6 @@ def reset() -> None:
         _kernel, _status, _warned, _library, _library_error = None, None, False, None, None
 
 
-@torch.compiler.assume_constant_result
 def serves(dtype_name: str, warn: bool = True) -> bool:
     """Whether the kernel serves this dtype; under ``torch.compile`` a constant decided (and built) at trace time.
     Where the kernel cannot be built or loaded at all, warns once (``warn``: the caller asked for the fast path)."""
@@ -238,6 +237,12 @@ def serves(dtype_name: str, warn: bool = True) -> bool:
             _warn_unavailable()
         return False
     return kernel.supports(getattr(torch, dtype_name))
+
+
+# What ``torch.compiler.assume_constant_result`` does to a function, without importing the compiler (seconds of
+# start-up for every user, compiling or not). tests/test_cpu_kernel.py checks that the public decorator still
+# marks functions this way.
+serves._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 _warned = False
