@@ -25,7 +25,14 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps "torchtitan==$(TORCHTITAN_VERSION)"
 	touch $@
 
-demo: $(BIN)/.installed
+# The demo needs the trainer and the figures only: the library with its train and plot extras.
+$(BIN)/.installed-demo: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_SPEC),$(BIN)/pip install -q "$(TORCH_SPEC)")
+	$(BIN)/pip install -q -e ".[train,plot]"
+	touch $@
+
+demo: $(BIN)/.installed-demo
 	$(BIN)/python -m train configs/demo.yaml
 
 test: $(BIN)/.installed

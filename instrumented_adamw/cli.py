@@ -17,6 +17,10 @@ FIT_METHODS = ("exact", "histogram")
 def _fit(args: argparse.Namespace) -> int:
     from instrumented_adamw.weibull import diagnostics as dx
 
+    problem = _local_path_problem(args.path)
+    if problem:
+        print(f"instrumented-adamw fit: {problem}", file=sys.stderr)
+        return 2
     try:
         weights = dx.load_weights(args.path, revision=args.revision)
         initial = dx.load_weights(args.init, revision=args.init_revision) if args.init else None
@@ -78,9 +82,26 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be fitted, where it plainly means a local path: a run directory (its checkpoints are
+    what fits), or a path whose first folder exists here but the rest does not (not a hub id)."""
+    p = Path(path)
+    checkpoints = sorted((p / "checkpoints").glob("step_*")) if p.is_dir() else []
+    if checkpoints:
+        return (f"{path} is a run directory; fit one of its checkpoints, e.g. {checkpoints[-1]} "
+                f"({len(checkpoints)} in {p / 'checkpoints'})")  # fmt: skip
+    if not p.exists() and (path.startswith((".", "/", "~")) or Path(p.parts[0]).is_dir()):
+        return f"{path} does not exist"
+    return None
+
+
 def _report(args: argparse.Namespace) -> int:
     from instrumented_adamw.analysis.report import make_report
 
+    missing = [r for r in args.runs if not Path(r).exists()]
+    if missing:
+        print(f"instrumented-adamw report: {', '.join(missing)} does not exist", file=sys.stderr)
+        return 2
     out = args.out or str(Path(args.runs[0]) / "report")
     try:
         result = make_report(args.runs, out, cls=args.cls)
@@ -93,20 +114,59 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    import json
-
     from instrumented_adamw.analysis.analyze import analyze_run
 
+    if not Path(args.run).exists():
+        print(f"instrumented-adamw analyze: {args.run} does not exist", file=sys.stderr)
+        return 2
     try:
         result = analyze_run(args.run, args.out, args.spacings, cls=args.cls)
     except (FileNotFoundError, ValueError, MissingExtraError) as exc:
         print(f"instrumented-adamw analyze: {exc}", file=sys.stderr)
         return 2
-    summary = {k: v for k, v in result["closed_loop"].items()}
-    print(json.dumps({"closed_loop": summary, "spline": result.get("spline")}, indent=1, default=float))
+    if args.json:
+        summary = {k: v for k, v in result["closed_loop"].items()}
+        print(json.dumps({"closed_loop": summary, "spline": result.get("spline"), "depth": result.get("depth")},
+                         indent=1, default=float))  # fmt: skip
+    else:
+        print(analysis_summary(result))
     for f in result["files"]:
         print(f)
     return 0
+
+
+def analysis_summary(result: dict) -> str:
+    """The closed loop, spline recovery and depth of an analysis as a few aligned lines."""
+    lines = [f"closed loop ({result.get('cls', 'Transmission')}): logRMSE of λ predicted from ‖W‖²(0) and the forces"]
+    lines.append(f"  {'bridge':<16} {'exact':>9} {'published':>10} {'integration':>12} {'bridge only':>12}")
+    loops = result["closed_loop"]
+    for bridge in dict.fromkeys(k.split("/")[0] for k in loops):
+        exact, pub = loops.get(f"{bridge}/exact", {}), loops.get(f"{bridge}/published", {})
+        cells = [exact.get("log_rmse"), pub.get("log_rmse"), exact.get("integration_error"), exact.get("bridge_error")]
+        lines.append(
+            f"  {bridge:<16} " + " ".join(f"{_num(v):>{w}}" for v, w in zip(cells, (9, 10, 12, 12), strict=True))
+        )
+    spline = result.get("spline") or {}
+    if "skipped" in spline:
+        lines.append(f"spline recovery: not computed ({spline['skipped']})")
+    else:
+        lines.append("spline recovery: median recovered / true alignment [q1, q3], checkpoints S steps apart")
+        for s, methods in spline.items():
+            cells = "  ".join(f"{m} {_num(v.get('median'))} [{_num(v.get('q1'))}, {_num(v.get('q3'))}]"
+                              for m, v in methods.items() if isinstance(v, dict))  # fmt: skip
+            lines.append(f"  S = {s:>5}: {cells}")
+    depth = result.get("depth") or {}
+    if "deep_over_shallow" in depth:
+        lines.append(f"depth: deepest / shallowest layer median λ at step {depth['step']}: "
+                     f"{_num(depth['deep_over_shallow'])}")  # fmt: skip
+    elif "skipped" in depth:
+        lines.append(f"depth: not computed ({depth['skipped']})")
+    lines.append("(--json for every number)")
+    return "\n".join(lines)
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--out", default=None, help="output directory (default: RUN_DIR/analysis)")
     ana.add_argument("--spacings", type=int, nargs="*", default=None, help="checkpoint spacings (default 250 500 1000)")
     ana.add_argument("--cls", default="Transmission")
+    ana.add_argument("--json", action="store_true", help="print the closed loop, spline and depth results as JSON")
     ana.set_defaults(func=_analyze)
     return parser
 

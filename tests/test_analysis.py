@@ -234,3 +234,33 @@ def test_analyze_says_why_there_is_no_spline_and_draws_no_empty_figure(run, tmp_
         assert "at least 3 checkpoints" in data["spline"]["skipped"] and "--spacings" in data["spline"]["skipped"]
         assert not (out / "spline_recovery.png").exists()
         assert "spline_recovery.png" not in capsys.readouterr().out
+
+
+def test_analyze_prints_a_summary_table_and_json_on_request(run, tmp_path, capsys):
+    import json
+
+    from instrumented_adamw.cli import main
+
+    assert main(["analyze", str(run), "--out", str(tmp_path), "--spacings", "20"]) == 0
+    text = capsys.readouterr().out
+    data = json.loads((tmp_path / "analysis.json").read_text())
+    exact = data["closed_loop"]["initial_ratio/exact"]["log_rmse"]
+    assert "closed loop (Transmission)" in text and f"initial_ratio    {exact:>9.4f}" in text
+    assert "S =    20: spline" in text and "depth: deepest / shallowest layer median λ at step 200" in text
+    assert main(["analyze", str(run), "--out", str(tmp_path), "--spacings", "20", "--json"]) == 0
+    printed = capsys.readouterr().out
+    raw = json.loads(printed[: printed.rindex("}") + 1])
+    assert raw["closed_loop"]["initial_ratio/exact"]["log_rmse"] == pytest.approx(exact)
+
+
+def test_the_commands_say_a_missing_path_does_not_exist_and_point_from_a_run_to_its_checkpoints(run, tmp_path, capsys):
+    from instrumented_adamw.cli import main
+
+    missing = str(tmp_path / "does_not_exist")
+    for command in ("report", "analyze", "fit"):
+        assert main([command, missing]) == 2
+        assert f"{missing} does not exist" in capsys.readouterr().err
+    assert main(["fit", str(run)]) == 2
+    assert (
+        f"{run} is a run directory; fit one of its checkpoints, e.g. {run}/checkpoints/step_" in capsys.readouterr().err
+    )

@@ -210,6 +210,10 @@ def test_report_figures_come_from_the_logs(run, tmp_path):
     ]
     for p in result["files"]:
         assert p.stat().st_size > 10_000, p
+    page = (tmp_path / "report.html").read_text()  # headings in words, not file names
+    assert "<h2>Force budget: alignment, injection, decay (all_sinks)</h2>" in page
+    assert "<h2>Closed loop: λ predicted from the forces against the fits (all_sinks)</h2>" in page
+    assert "<h2>forces_all_sinks</h2>" not in page
     metrics = read_jsonl(run / "metrics.jsonl")
     plotted = result["data"]["forces/all_sinks"]
     assert np.allclose(plotted["align_share"], [100 * m["Transmission/align_share"] for m in metrics], rtol=0)

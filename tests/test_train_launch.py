@@ -6,8 +6,12 @@ every connection attempt (as a firewall that drops packets does), so nothing dep
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,8 @@ from instrumented_adamw.utils import netcheck
 from train.loop import DeviceUnavailableError, resolve_device
 from train.models import PretrainedUnavailableError, load_pretrained
 from train.sweep import parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
 
 #: Generous bound for "fails within a few seconds": the probe waits 1 s here, a loaded CI machine adds the rest.
 FAST_S = 10.0
@@ -99,3 +105,24 @@ def test_sweep_overrides_may_come_before_or_after_options():
         assert (args.config, args.overrides, args.parallel) == ("s.yaml", ["a.b=1", "c.d=2"], 3)
     with pytest.raises(SystemExit):
         parse_args(["s.yaml", "--parallel", "0"])
+
+
+def test_a_missing_trainer_dependency_names_the_extra(monkeypatch, capsys):
+    import importlib.util
+
+    import train.__main__ as entry
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(entry.importlib.util, "find_spec", lambda name, *a: None if name == "yaml" else real(name, *a))
+    assert entry.main(["configs/demo.yaml"]) == 2
+    assert "missing here: yaml. Install them with: pip install 'instrumented-adamw[train]'" in capsys.readouterr().err
+
+
+def test_a_config_error_is_named_before_torch_or_transformers_load():
+    """The common first-hour mistake answers in a fraction of a second: nothing heavy is imported for it."""
+    code = ("import sys\nfrom train.__main__ import main\nrc = main(['configs/demo.yaml', 'optim.lr=abc'])\n"
+            "print(rc, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+    assert done.stdout.strip() == "2 []", done.stderr
+    assert "config error: optim.lr must be a number, got 'abc'" in done.stderr

@@ -17,9 +17,12 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,6 +52,47 @@ class DeviceUnavailableError(RuntimeError):
 
 class NonFiniteError(RuntimeError):
     """Training produced NaN/Inf; the message names the step. Nothing non-finite was saved."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM or SIGINT stopped the run after a step; a resume state of that step is saved (rerun to continue)."""
+
+    def __init__(self, signum: int, step: int, total: int, run_dir: Path) -> None:
+        self.signum, self.step, self.total, self.run_dir = signum, step, total, run_dir
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step} of {total}; the resume state "
+                         f"of step {step} is saved in {run_dir / 'resume'}")  # fmt: skip
+
+
+class StopSignals:
+    """SIGTERM (what a cluster scheduler sends before it kills a job) and SIGINT (Ctrl-C): the first asks the loop to
+    stop after the current step and save; a second ends the process at once, as the signal would by default (a
+    kill at any moment is safe: the run resumes from its newest verified state). Handlers are installed only in
+    the main thread (signals reach no other) and restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:  # the second signal: now, as if no handler were installed
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        print(f"[train] {signal.Signals(signum).name}: stopping after this step and saving a resume point "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
@@ -364,14 +408,43 @@ class _Loop:
 
             self.progress = tqdm(total=end, initial=start, desc=self.cfg.run.name, unit="step", dynamic_ncols=True)
         try:
-            for step in range(start, end):
-                lr = self.train_step(step)
-                self.after_step(step + 1, lr, end)
-                if self.progress is not None:
-                    self.progress.update(1)
+            with StopSignals() as stop:
+                for step in range(start, end):
+                    lr = self.train_step(step)
+                    self.after_step(step + 1, lr, end)
+                    if self.progress is not None:
+                        self.progress.update(1)
+                    signum = self.stop_signal(step + 1, stop.signum)
+                    if signum is not None:
+                        self.stop_now(step + 1, lr, end, signum)
         finally:
             if self.progress is not None:
                 self.progress.close()
+
+    def stop_signal(self, done: int, signum: int | None) -> int | None:
+        """The signal every rank stops for after step ``done``, if any: a single process stops at once; several
+        agree on log steps (each rank's signal all-reduced where the logs synchronise anyway), so no rank saves
+        while another steps on."""
+        if self.world == 1:
+            return signum
+        if done % self.cfg.logging.log_every:
+            return None
+        flag = torch.tensor([float(signum or 0)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # note: a CPU-GPU sync point, on log steps only
+        return int(flag.item()) or None
+
+    def stop_now(self, done: int, lr: float, end: int, signum: int) -> None:
+        """Log the steps since the last log, save the resume state of ``done`` (unless it was just saved) and
+        raise :class:`Preempted`."""
+        if self.steps_since:
+            record = self.log_interval(done, lr, end)
+            self.watch.check(done, record, self.kept["step"])
+        if self.kept["step"] != done:
+            moments = (v for st in self.opt.state.values() for v in st.values() if torch.is_tensor(v))
+            self.ensure_finite(done, lr, end, [*self.model.parameters(), *moments],
+                               "the weights or Adam moments hold NaN or Inf")  # fmt: skip
+            self.save_state(done)
+        raise Preempted(signum, done, self.cfg.schedule.total_steps, self.run_dir)
 
     def train_step(self, step: int) -> float:
         """One optimizer step at the schedule's learning rate; returns that lr."""

@@ -277,6 +277,23 @@ CAPTIONS = {
 }
 
 
+#: Each figure's heading on the HTML page, by file-name prefix ("{run}": the rest of the file name).
+HEADINGS = {
+    "forces": "Force budget: alignment, injection, decay ({run})",
+    "lambda": "Weibull scale λ and shape k per block ({run})",
+    "closed_loop": "Closed loop: λ predicted from the forces against the fits ({run})",
+    "align_share": "Alignment share against the fraction of training",
+    "peak_lambda_vs_lr": "Peak λ against the learning rate",
+}
+
+
+def _heading(stem: str) -> str:
+    for prefix in sorted(HEADINGS, key=len, reverse=True):
+        if stem == prefix or stem.startswith(prefix + "_"):
+            return HEADINGS[prefix].format(run=stem[len(prefix) + 1 :] or "all runs")
+    return stem.replace("_", " ")
+
+
 def _caption(stem: str) -> str:
     for prefix in sorted(CAPTIONS, key=len, reverse=True):
         if stem.startswith(prefix):
@@ -360,7 +377,7 @@ def _html(runs: list[RunLog], files: list[Path], tables: dict, cls: str, skipped
         if f.suffix == ".png":
             data = base64.b64encode(f.read_bytes()).decode()
             parts.append(
-                f"<h2>{html.escape(f.stem)}</h2><figure><img alt='{html.escape(f.stem)}' "
+                f"<h2>{html.escape(_heading(f.stem))}</h2><figure><img alt='{html.escape(f.stem)}' "
                 f"src='data:image/png;base64,{data}'><figcaption>{html.escape(_caption(f.stem))}</figcaption></figure>"
             )
     for what, why in skipped.items():
