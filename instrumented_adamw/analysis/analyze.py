@@ -550,18 +550,20 @@ def figure_closed_loop(run: RunLog, path: Path, cls: str = "Transmission") -> di
     pyplot = plt()
     exact = closed_loop(run, cls, "initial_ratio", "exact")
     pub = closed_loop(run, cls, "initial_ratio", "published")
-    fig, ax = pyplot.subplots(figsize=(9, 5.5))
+    fig, ax = pyplot.subplots(figsize=(10, 6))
     tensors = exact["tensors"]
     for (name, d), c in zip(tensors.items(), colors(len(tensors)), strict=True):
         ax.plot(d["step"], d["lam_fit"], "o", color=c, ms=3, label=name.removesuffix(".weight"))
         ax.plot(d["step"], d["lam_pred"], "-", color=c, lw=1)
         ax.plot(d["step"], pub["tensors"][name]["lam_pred"], ":", color=c, lw=1)
-    ax.plot([], [], "k-", label=f"closed loop, exact forces (logRMSE {exact['log_rmse']:.4f})")
-    ax.plot([], [], "k:", label=f"closed loop, published bookkeeping (logRMSE {pub['log_rmse']:.4f})")
-    ax.set_xlabel("optimizer step")
+    ax.plot([], [], "k-", label=f"predicted, exact bookkeeping (logRMSE {exact['log_rmse']:.4f})")
+    ax.plot([], [], "k:", label=f"predicted, published bookkeeping (logRMSE {pub['log_rmse']:.4f})")
+    ax.plot([], [], "ko", ms=3, label="fitted λ (one colour per matrix)")
+    ax.set_xlabel("optimizer step\n(‖W‖² integrated from step 0 with the logged forces, turned into λ with each "
+                  "matrix's λ/RMS ratio at step 0: the 'bridge')")  # fmt: skip
     ax.set_ylabel("Weibull scale λ (weight units)")
-    ax.set_title(f"{run.name}: {cls} λ predicted from ‖W‖²(0) + Σ forces\n(dots: fitted λ; bridge: λ/RMS at init)")
-    ax.legend(fontsize=6, ncol=2 if len(tensors) > 8 else 1, loc="best")
+    ax.set_title(f"{run.name}: {cls} λ predicted from ‖W‖²(0) and the summed forces")
+    ax.legend(fontsize=8, ncol=2 if len(tensors) > 8 else 1, loc="best")
     ax.grid(alpha=0.3)
     save_figure(fig, path)
     return dict(exact=exact, published=pub)
