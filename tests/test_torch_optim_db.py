@@ -250,3 +250,42 @@ def test_error_inputs_raise_like_torch(dtype, error):
         else:
             with pytest.raises(error.error_type, match=error.error_regex):
                 make(cls)
+
+
+def _state_dict_inputs():
+    from torch.testing._internal.common_optimizers import _get_optim_inputs_including_global_cliquey_kwargs
+
+    return _get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, INFO, skip=("differentiable",))
+
+
+@pytest.mark.parametrize("optim_input", _state_dict_inputs(), ids=lambda i: i.desc)
+def test_state_dict_is_deterministic_as_torchs_own_test_checks(optim_input):
+    """The procedure of torch's TestOptimRenewed.test_state_dict_deterministic on its AdamW inputs: a state dict
+    loaded into a copy steps on identically, the two state dicts are equal, and so are repeated groups' (#36831)."""
+    from copy import deepcopy
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(2, 3, generator=g))
+    bias = torch.nn.Parameter(torch.randn(2, generator=g))
+    x = torch.randn(3, generator=g)
+
+    def closure(opt, w, b):
+        opt.zero_grad()
+        loss = (w.mv(x) + b).pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer = InstrumentedAdamW([weight, bias], **optim_input.kwargs)
+    for _ in range(10):
+        optimizer.step(lambda: closure(optimizer, weight, bias))
+    with torch.no_grad():
+        weight_c, bias_c = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(bias.clone())
+    optimizer_c = InstrumentedAdamW([weight_c, bias_c], **optim_input.kwargs)
+    optimizer_c.load_state_dict(deepcopy(optimizer.state_dict()))
+    for _ in range(10):
+        optimizer.step(lambda: closure(optimizer, weight, bias))
+        optimizer_c.step(lambda: closure(optimizer_c, weight_c, bias_c))
+        assert torch.equal(weight, weight_c) and torch.equal(bias, bias_c)
+    torch.testing.assert_close(optimizer.state_dict(), optimizer_c.state_dict(), rtol=0, atol=0)
+    optimizer_c.param_groups.extend(optimizer_c.param_groups)
+    assert optimizer.state_dict()["param_groups"][-1] == optimizer_c.state_dict()["param_groups"][-1]
