@@ -15,6 +15,7 @@ EXTRAS = {
     "accelerate": "hf",
     "wandb": "logging",
     "tensorboard": "logging",
+    "lightning": "lightning",
 }
 
 
