@@ -34,6 +34,23 @@ DefaultFlowCallback = _callbacks.DefaultFlowCallback
 STATE_KEY = "instrumented_adamw.ForceMonitor"
 
 
+def _warn_if_the_trainer_dropped_weight_decay(opt, args) -> None:
+    """The Trainer builds ``optimizer_cls_and_kwargs`` optimizers with its own parameter groups, whose weight decay is
+    ``TrainingArguments.weight_decay`` (0 by default), not the kwargs': every decay force then reads zero."""
+    optimizers = opt.optimizers if hasattr(opt, "optimizers") else [opt]
+    for o in optimizers:
+        asked = float(o.defaults.get("weight_decay", 0.0) or 0.0)
+        if asked > 0 and all(float(g.get("weight_decay", 0.0)) == 0.0 for g in o.param_groups):
+            warnings.warn(
+                f"{type(o).__name__} was created with weight_decay={asked:g}, but every parameter group has weight "
+                f"decay 0: the Trainer sets each group's weight decay from TrainingArguments.weight_decay "
+                f"({args.weight_decay:g} here), overriding optimizer_cls_and_kwargs, so every decay force and share "
+                f"reads 0. Pass TrainingArguments(weight_decay={asked:g}) to train with it.",
+                stacklevel=3,
+            )
+            return
+
+
 class ForceMonitorCallback(TrainerCallback):
     """Reads and logs the forces every ``log_every`` optimizer steps (default: the Trainer's ``logging_steps``).
 
@@ -78,6 +95,7 @@ class ForceMonitorCallback(TrainerCallback):
         self.monitor = ForceMonitor(
             opt, model, sinks, log_every=log_every, weibull_every=self._weibull_every, per_tensor=self._per_tensor
         )
+        _warn_if_the_trainer_dropped_weight_decay(opt, args)
         saved = (state.stateful_callbacks or {}).get(STATE_KEY)
         if state.global_step > 0 and saved:  # resumed from a checkpoint: T/τ continues where it was
             self.monitor.load_state_dict(saved)

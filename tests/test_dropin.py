@@ -529,3 +529,17 @@ def test_tensor_hyperparameters_with_default_flags_are_torchs_update_bitwise(hyp
     (ref, _), (ours, opt) = run(torch.optim.AdamW), run(InstrumentedAdamW)
     assert torch.equal(ref, ours)
     assert list(opt.read_forces().steps) == [3]
+
+
+def test_hf_warns_when_the_trainer_overrode_the_kwargs_weight_decay(tmp_path):
+    """optimizer_cls_and_kwargs=(InstrumentedAdamW, {"weight_decay": 0.01}) with the default
+    TrainingArguments.weight_decay=0 trains without decay: said once, naming the argument that fixes it."""
+    trainer = _trainer(tmp_path, optimizer_cls_and_kwargs=(InstrumentedAdamW, {"lr": 1e-3, "weight_decay": 0.01}),
+                       weight_decay=0.0, save_strategy="no", max_steps=5)  # fmt: skip
+    expected = (r"weight_decay=0.01, but every parameter group has weight decay 0: .* TrainingArguments.weight_decay "
+                r"\(0 here\).*TrainingArguments\(weight_decay=0.01\)")  # fmt: skip
+    with pytest.warns(UserWarning, match=expected) as seen:
+        trainer.train()
+    assert sum("every parameter group has weight decay 0" in str(w.message) for w in seen) == 1
+    decay = read_jsonl(tmp_path / "forces" / "metrics.jsonl")[-1]["Transmission/decay_share"]
+    assert decay == 0.0
