@@ -26,7 +26,6 @@ and fits) as JSONL beside the TensorBoard folder.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,8 +67,8 @@ class InstrumentedOptimizersContainer(OptimizersContainer):
         return [o for o in self.optimizers if isinstance(o, ForceTracking)]
 
     def state_dict(self) -> dict[str, Any]:
-        with self._untracked_state_init():
-            return super().state_dict()
+        self._materialise_state_untracked()
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torchtitan's load; a checkpoint written by torch's own optimizers (no ``track_calls``, no ``lr_peak``)
@@ -80,23 +79,24 @@ class InstrumentedOptimizersContainer(OptimizersContainer):
                 for key in _INSTRUMENTED_GROUP_KEYS:
                     for fqn in group.get("param_names", ()):
                         state_dict.setdefault(f"param_groups.{fqn}.{key}", group.get(key))
-        with self._untracked_state_init():
-            super().load_state_dict(state_dict)
+        self._materialise_state_untracked()  # before the load: the loaded counter is then the one kept
+        super().load_state_dict(state_dict)
 
-    @contextlib.contextmanager
-    def _untracked_state_init(self):
-        """torchtitan's state materialisation (a zero-lr step) taken without tracking or counting it."""
-        empty = [o for o in self.instrumented if not o.state]
-        saved = [(o._track, int(o._calls)) for o in empty]
-        for o in empty:
-            o._track = False
-        try:
-            yield
-        finally:
-            for o, (track, calls) in zip(empty, saved, strict=True):
-                o._track = track
-                if o.state:  # the step was taken: it does not count
-                    o._calls.fill_(calls)
+    def _materialise_state_untracked(self) -> None:
+        """torchtitan's state materialisation (one zero-gradient, zero-lr step) taken without tracking it or
+        counting it, so it enters neither the force books nor the ``track_every`` phase."""
+        from torchtitan.components.optimizer.utils import init_optim_state
+
+        for optim in self.instrumented:
+            if optim.state:
+                continue
+            track, calls = optim._track, int(optim._calls)
+            optim._track = False
+            try:
+                init_optim_state(optim)
+            finally:
+                optim._track = track
+                optim._calls.fill_(calls)
 
 
 class ForceMetricsProcessor(MetricsProcessor):

@@ -499,3 +499,18 @@ def test_repeated_names_are_disambiguated_with_a_warning_never_dropped():
     r = opt.read_forces()
     assert sorted(r.to_dict()) == sorted(r.interval_dict()) == ["bias", "bias#1", "weight", "weight#1"]
     assert r.to_dict()["weight#1"]["w_sq"] == pytest.approx(before, rel=1e-6)  # the second Linear's, pre-update
+
+
+def test_parameters_rewrapped_in_their_places_keep_their_names_and_are_measured():
+    """accelerate's FSDP2 prepare swaps each parameter of the groups for its DTensor, in place: same shapes in the
+    same places are the same parameters, adopted under their names (nothing refused, nothing read as zero)."""
+    w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4))
+    opt = InstrumentedAdamW([("lin.weight", w), ("lin.bias", b)], lr=1e-2, weight_decay=0.1)
+    w2, b2 = torch.nn.Parameter(w.detach().clone()), torch.nn.Parameter(b.detach().clone())
+    opt.param_groups[0]["params"] = [w2, b2]
+    w2.grad, b2.grad = torch.ones(4, 3), torch.ones(4)
+    before = float(w2.detach().double().square().sum())
+    opt.step()
+    last = opt.last_forces().to_dict()
+    assert opt.tracked_names == ["lin.weight", "lin.bias"]
+    assert last["lin.weight"]["w_sq"] == pytest.approx(before, rel=1e-6) and last["lin.weight"]["align"] != 0

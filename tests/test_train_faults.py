@@ -552,3 +552,16 @@ with StopSignals() as stop:
     assert done.returncode == -signal.SIGTERM, done.stderr
     assert done.stdout == f"first: {int(signal.SIGINT)}\n"
     assert "SIGINT: stopping after this step and saving a resume point" in done.stderr
+
+
+def test_a_learning_rate_changed_on_resume_is_the_one_applied(reference, tmp):
+    """optim.lr changed with run.allow_config_change=true: the steps after the resume take the new schedule (the
+    optimizer's peaks come from this launch's config, not from the loaded state)."""
+    from train.loop import lr_at
+
+    run = launch(tmp, "new-lr", "schedule.stop_at=20")
+    launch(tmp, run.name, "optim.lr=1e-2", "run.allow_config_change=true")
+    cfg = load_config(run / "config.yaml")
+    forces = {r["step"]: r for r in read_jsonl(run / "forces.jsonl")}
+    lrs = [t["last_lr"] for t in forces[25]["tensors"].values()]
+    assert lrs and all(lr == pytest.approx(lr_at(24, 1e-2, cfg.schedule), rel=1e-12) for lr in lrs), lrs[:3]

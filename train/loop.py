@@ -294,6 +294,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
     if fsdp:
         shard_model(model)  # before the optimizer: it must see the DTensor shards
     opt = build_optimizer(cfg.optim, model)  # InstrumentedAdamW, or Muon + AdamW (optim.name=muon)
+    peaks = group_peaks(opt)  # before a resume state is loaded: a changed optim.lr is this config's, not the state's
 
     start, extra = 0, {}
     if state_name is not None:  # the decided state into the model, optimizer and RNG
@@ -320,7 +321,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
     monitor.load_state_dict(extra.get("monitor", {}))
     watch = NonFiniteWatch(cfg.run.max_nonfinite_steps)
     watch.load_state_dict(extra.get("nonfinite", {}))
-    loop = _Loop(cfg, run_dir, device, rank, world, model, opt, data, monitor, watch, jsonl, state_name, start)
+    loop = _Loop(cfg, run_dir, device, rank, world, model, opt, peaks, data, monitor, watch, jsonl, state_name, start)
     try:
         if state_name is None:
             loop.save_initial()
@@ -366,13 +367,13 @@ def _open_run_dir(cfg: Config, plan, run_dir: Path, device, world: int, start: i
 class _Loop:
     """The steps of one launch, from ``start`` to ``end``, with what happens on log, fit, snapshot and save steps."""
 
-    def __init__(self, cfg: Config, run_dir: Path, device, rank: int, world: int, model, opt, data,
+    def __init__(self, cfg: Config, run_dir: Path, device, rank: int, world: int, model, opt, peaks: list[float], data,
                  monitor: ForceMonitor, watch: NonFiniteWatch, jsonl: JsonlSink | None, state_name: str | None,
                  start: int) -> None:  # fmt: skip
         self.cfg, self.run_dir, self.device, self.rank, self.world = cfg, run_dir, device, rank, world
         self.main, self.fsdp = rank == 0, cfg.distributed.strategy == "fsdp"
         self.model, self.opt, self.data, self.monitor, self.watch, self.jsonl = model, opt, data, monitor, watch, jsonl
-        self.peaks = group_peaks(opt)
+        self.peaks = peaks
         self.step_model = model
         if cfg.distributed.strategy == "ddp":
             self.step_model = torch.nn.parallel.DistributedDataParallel(
@@ -415,7 +416,7 @@ class _Loop:
                     if self.progress is not None:
                         self.progress.update(1)
                     signum = self.stop_signal(step + 1, stop.signum)
-                    if signum is not None:
+                    if signum is not None and step + 1 < end:  # in the last step: the run is complete and saved
                         self.stop_now(step + 1, lr, end, signum)
         finally:
             if self.progress is not None:

@@ -41,6 +41,7 @@ class _GroupStep(NamedTuple):
 
     index: int
     group: dict[str, Any]
+    params: list[Tensor]  # the group's parameters as given (DTensors stay DTensors: the force rows are keyed by them)
     lr: float | Tensor
     weight_decay: float | Tensor
     beta1: float | Tensor
@@ -210,7 +211,7 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
                 local = [[local_tensor(t) for t in ts] for ts in local]
             beta1, beta2 = group["betas"]
             how = _GroupStep(
-                index=g_index, group=group, lr=_to_scalar(group["lr"]),  # torch accepts one-element tensors
+                index=g_index, group=group, params=params, lr=_to_scalar(group["lr"]),  # one-element tensor lr too
                 weight_decay=self._effective_weight_decay(group, g_index), beta1=beta1, beta2=beta2,
                 has_complex=has_complex, tracked=tracked, mask=mask, compiling=compiling, grad_scale=grad_scale,
                 found_inf=found_inf, arena=self._arena if params[0].device.type == "cpu" and not compiling else None,
@@ -239,7 +240,7 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
         into = None
         if any(how.tracked) and how.mask is None and not how.compiling and _is_float(how.lr) \
                 and _is_float(how.weight_decay):  # fmt: skip
-            into = [self._rows[id(p)] if flag else None for p, flag in zip(lists[0], how.tracked, strict=True)]
+            into = [self._rows[id(p)] if flag else None for p, flag in zip(how.params, how.tracked, strict=True)]
         reductions = self._triton_step(
             *lists, group_index=how.index, beta1=how.beta1, beta2=how.beta2, grad_scale=how.grad_scale,
             found_inf=how.found_inf, into=into, **how.common(),

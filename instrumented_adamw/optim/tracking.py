@@ -120,6 +120,7 @@ class ForceTracking:
         self._stats: dict[torch.device, ForceStats] = {}
         self._tracked_params: dict[torch.device, list[Tensor]] = {}
         self._known_lists: tuple[int, ...] | None = None  # param lists last checked to hold only known tensors
+        self._group_shapes: list[list[tuple[int, tuple[int, ...]]]] = []  # (id, shape) of each group's tensors then
         self._reset_host_caches()
 
     def _reset_host_caches(self) -> None:
@@ -198,25 +199,44 @@ class ForceTracking:
                     stats.table[row] = old_stats[old[0]].table[old[1]]
 
     def _check_params_known(self, cached: bool = True) -> None:
-        """Refuse tensors put into the param groups behind the optimizer's back: it cannot attribute their forces
-        to the parameters it was given, and an unmeasured tensor must never read as a zero force. (Checked when a
-        group's parameter list is a new object, so a step pays one tuple comparison.)"""
+        """Tensors put into the param groups behind the optimizer's back: adopted where each takes the place of one
+        of the same shape (accelerate's FSDP2 ``prepare`` swaps the parameters for their DTensors), refused
+        otherwise (DeepSpeed ZeRO-1/2's flat partitions): the forces of an unknown tensor cannot be attributed to
+        the parameters it was given, and must never read as zeros. (Checked when a group's parameter list is a new
+        object, so a step pays one tuple comparison.)"""
         lists = tuple(id(group["params"]) for group in self.param_groups)
         if cached and lists == self._known_lists:
             return
+        adopted = False
         for g, group in enumerate(self.param_groups):
-            unknown = [p for p in group["params"] if id(p) not in self._names]
-            if unknown:
-                shapes = ", ".join(str(tuple(p.shape)) for p in unknown[:3])
-                raise RuntimeError(
-                    f"{type(self).__name__}: param_groups[{g}] holds {len(unknown)} tensor(s) it was never given "
-                    f"(shapes {shapes}): their parameters were replaced after construction. DeepSpeed ZeRO stages "
-                    "1 and 2 do this (one flat fp32 partition per rank), and forces measured on it would not be "
-                    "your parameters', so nothing is reported rather than zeros. What works: DeepSpeed ZeRO stage 0, "
-                    "torch DDP, FSDP2 or any DTensor mesh (HF Trainer and accelerate included); or pass track=False "
-                    "to train without measuring."
-                )
+            params = group["params"]
+            if all(id(p) in self._names for p in params):
+                continue
+            before = self._group_shapes[g] if g < len(self._group_shapes) else []
+            if len(before) == len(params) and all(
+                id(p) in self._names or tuple(p.shape) == shape for p, (_, shape) in zip(params, before, strict=True)
+            ):  # the same parameters, re-wrapped: they keep their names
+                for p, (old, _) in zip(params, before, strict=True):
+                    if id(p) not in self._names:
+                        self._names[id(p)] = self._names[old]
+                        if old in self._generic:
+                            self._generic.add(id(p))
+                adopted = True
+                continue
+            unknown = [p for p in params if id(p) not in self._names]
+            shapes = ", ".join(str(tuple(p.shape)) for p in unknown[:3])
+            raise RuntimeError(
+                f"{type(self).__name__}: param_groups[{g}] holds {len(unknown)} tensor(s) it was never given "
+                f"(shapes {shapes}), not in the places of same-shaped parameters: the parameters were replaced "
+                "after construction by something else. DeepSpeed ZeRO stages 1 and 2 do this (one flat fp32 "
+                "partition per rank), and forces measured on it would not be your parameters', so nothing is "
+                "reported rather than zeros. What works: DeepSpeed ZeRO stage 0, torch DDP, FSDP2 or any DTensor "
+                "mesh (HF Trainer and accelerate included); or pass track=False to train without measuring."
+            )
+        self._group_shapes = [[(id(p), tuple(p.shape)) for p in group["params"]] for group in self.param_groups]
         self._known_lists = lists
+        if adopted:
+            self._rebuild_tracking(keep=False)
 
     @property
     def track_filter(self) -> Callable[[str], bool] | None:
@@ -332,7 +352,7 @@ class ForceTracking:
         self._track_filter, self._filter_lost = extra["track_filter"], extra["filter_lost"]
         self._reset_host_caches()
         self._names, self._generic, self._rows, self._stats = {}, set(), {}, {}
-        self._known_lists = None
+        self._known_lists, self._group_shapes = None, []
         params = [p for group in self.param_groups for p in group["params"]]
         for p, (name, generic, _) in zip(params, extra["rows"], strict=True):
             self._names[id(p)] = name
