@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,3 +150,32 @@ def test_fsdp_kill_and_rerun_equals_uninterrupted(fsdp_run, tmp_path):
     # The force intervals after each resume count only real steps (loading DCP optimizer state takes a step of lr 0).
     ref_f, got_f = read_jsonl(fsdp_run / "forces.jsonl"), read_jsonl(tmp_path / "fsdp" / "forces.jsonl")
     assert [r["classes"] for r in got_f] == [r["classes"] for r in ref_f]
+
+
+def test_fsdp_sigterm_stops_every_rank_at_a_log_step_and_the_rerun_is_bitwise(fsdp_run, tmp_path):
+    """SIGTERM to torchrun (as a scheduler sends it): torchrun passes it to both workers, which agree on the next
+    log step, save its resume state together and exit; the same command then continues bitwise."""
+    cmd = command(tmp_path, "fsdp", "fsdp")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    metrics = tmp_path / "fsdp" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and read_jsonl(metrics) and read_jsonl(metrics)[-1]["step"] >= 10:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be signalled"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    found = re.search(r"stopped by SIGTERM after step (\d+) of 60", err)
+    assert found, err[-3000:]
+    stopped = int(found.group(1))
+    assert stopped % 10 == 0 and 10 <= stopped < TOTAL, stopped  # on a log step, mid-run
+    assert (tmp_path / "fsdp" / "resume" / f"step_{stopped:06d}").is_dir()
+    run(cmd)
+    a = load_file(fsdp_run / "checkpoints" / f"step_{TOTAL:06d}" / "model.safetensors")
+    b = load_file(tmp_path / "fsdp" / "checkpoints" / f"step_{TOTAL:06d}" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    ref, got = read_jsonl(fsdp_run / "metrics.jsonl"), read_jsonl(metrics)
+    assert [(r["step"], r["loss"]) for r in got] == [(r["step"], r["loss"]) for r in ref]
