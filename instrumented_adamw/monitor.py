@@ -46,6 +46,7 @@ from instrumented_adamw.weibull.fit import fit_weibull
 
 _COL = {q: i for i, q in enumerate(QUANTITIES)}
 _LR, _WD, _ULR = LAST_KEYS.index("lr"), LAST_KEYS.index("weight_decay"), LAST_KEYS.index("update_lr")
+_INJECT = LAST_KEYS.index("inject")
 #: Per-class keys of the flat ``metrics`` records (``<class>/<key>``).
 METRIC_KEYS = (
     "align_share",
@@ -59,6 +60,9 @@ METRIC_KEYS = (
     "rms_eq_indep",
     "t_over_tau",
     "nonfinite_steps",
+    "update_norm",
+    "weight_norm",
+    "update_weight_ratio",
 )
 
 
@@ -97,9 +101,25 @@ def aggregate(readout: ForceReadout, rows: np.ndarray, numel: np.ndarray) -> dic
 
 
 #: Per-tensor columns that aggregate_groups sums, after the interval quantities: ‖W‖² now, the last step's
-#: ⟨W,û⟩, ‖û‖², ‖W‖², the element count, ‖û‖² per step, the residual (NaN as 0), |residual|, the last lr, λ, η_u.
-_EXTRA = ("w_now", "last_wu", "last_uu", "last_ww", "numel", "u_per_step", "res", "abs_res", "lr", "wd", "ulr")
+#: ⟨W,û⟩, ‖û‖², ‖W‖², the element count, ‖û‖² per step, the residual (NaN as 0), |residual|, the last lr, λ, η_u,
+#: and the last step's inject η_u²‖û‖² (the squared norm of the step it applied).
+_EXTRA = ("w_now", "last_wu", "last_uu", "last_ww", "numel", "u_per_step", "res", "abs_res", "lr", "wd", "ulr",
+          "last_inject")  # fmt: skip
 _X = {name: len(QUANTITIES) + i for i, name in enumerate(_EXTRA)}
+
+
+def composer_metrics(readout: ForceReadout) -> dict[str, float]:
+    """Each tensor's last step in Composer's ``OptimizerMonitor`` key scheme: the update's norm η_u‖û‖ (the step the
+    optimizer applied, decay aside), the parameter's norm ‖W‖ (now) and their ratio."""
+    update = np.sqrt(readout.last[:, _INJECT])
+    param = np.sqrt(readout.w_sq_now)
+    ratio = np.divide(update, param, out=np.full_like(update, np.nan), where=param > 0)
+    out: dict[str, float] = {}
+    for name, u, w, r in zip(readout.names, update.tolist(), param.tolist(), ratio.tolist(), strict=True):
+        out[f"l2_norm/update/{name}"] = u
+        out[f"l2_norm/param/{name}"] = w
+        out[f"l2_norm_ratio/update_param/{name}"] = r
+    return out
 
 
 def aggregate_groups(readout: ForceReadout, groups: list[np.ndarray], numel: np.ndarray) -> list[dict[str, float]]:
@@ -117,7 +137,7 @@ def aggregate_groups(readout: ForceReadout, groups: list[np.ndarray], numel: np.
     steps = np.maximum(readout.steps[idx], 1)
     cols = np.column_stack((readout.interval[idx], readout.w_sq_now[idx], readout.last[idx, :3], numel[idx],
                             readout.interval[idx, _COL["u_sq"]] / steps, known, np.abs(known),
-                            readout.last[idx][:, [_LR, _WD, _ULR]]))  # fmt: skip
+                            readout.last[idx][:, [_LR, _WD, _ULR, _INJECT]]))  # fmt: skip
     counts = np.column_stack((readout.steps[idx], readout.nonfinite_steps[idx], readout.unmeasured_steps[idx]))
     sums = np.zeros((len(groups), cols.shape[1]))
     top = np.zeros((len(groups), 3), dtype=np.int64)
@@ -148,6 +168,10 @@ def aggregate_groups(readout: ForceReadout, groups: list[np.ndarray], numel: np.
             net=entry["align"] + entry["inject"] + entry["decay"] + entry["higher_order"],
             w_sq_now=s[_X["w_now"]],
             rms=math.sqrt(s[_X["w_now"]] / n_el) if n_el else math.nan,
+            # The last step's size η_u‖û‖ against ‖W‖ (over a set: the norms of the concatenated tensors).
+            update_norm=math.sqrt(s[_X["last_inject"]]),
+            weight_norm=math.sqrt(s[_X["w_now"]]),
+            update_weight_ratio=math.sqrt(s[_X["last_inject"]] / s[_X["w_now"]]) if s[_X["w_now"]] > 0 else math.nan,
             cos_w_u=wu / math.sqrt(uu * ww) if uu > 0 and ww > 0 else math.nan,
             residual=s[_X["res"]] if closes else math.nan,
             rel_residual=s[_X["abs_res"]] / budget if budget > 0 and closes else math.nan,
@@ -207,6 +231,10 @@ class ForceMonitor:
         open_books: take one read now (discarding the interval so far, if steps were taken before the monitor
             existed), so the first interval's books open on exact norms; under FSDP2 every rank constructs the
             monitor, so the read is collective like every other.
+        composer_keys: also put each tensor's last step in the metrics records under Composer's
+            ``OptimizerMonitor`` keys (``l2_norm/update/<name>`` = η_u‖û‖, ``l2_norm/param/<name>`` = ‖W‖,
+            ``l2_norm_ratio/update_param/<name>``), so dashboards built on them work unchanged (three keys per
+            tensor: for small models, or with a ``track_filter``).
 
     Parameter groups added to the optimizer later (``add_param_group``) are picked up at the next read.
     """
@@ -225,6 +253,7 @@ class ForceMonitor:
         trim: float = 0.1,
         names: Iterable[tuple[str, Tensor]] | None = None,
         open_books: bool = True,
+        composer_keys: bool = False,
     ) -> None:
         inner = as_tracked(optimizer)
         if inner is None:
@@ -237,6 +266,7 @@ class ForceMonitor:
         if per_tensor_every < 0:
             raise ValueError(f"per_tensor_every must be >= 0 (0: every read), got {per_tensor_every}")
         self.optimizer = inner
+        self.composer_keys = composer_keys
         self.sinks = FanOut(sinks)
         self.log_every, self.weibull_every, self.per_tensor, self.trim = log_every, weibull_every, per_tensor, trim
         self.per_tensor_every = per_tensor_every
@@ -325,6 +355,8 @@ class ForceMonitor:
             agg["t_over_tau"] = self._t_over_tau[c]
             for key in METRIC_KEYS:
                 metrics[f"{c}/{key}"] = agg[key]
+        if self.composer_keys:
+            metrics.update(composer_metrics(readout))
         forces: dict[str, Any] = dict(classes=classes, layers=layers)
         if self.per_tensor and self.per_tensor_every:
             readout = self._since_last_tensor_entry(readout)

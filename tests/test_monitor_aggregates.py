@@ -318,3 +318,30 @@ def test_groups_aggregated_together_equal_each_alone_and_do_not_mix():
     assert together[1]["steps"] == 0 and math.isnan(together[1]["rms"])
     assert (together[0]["steps"], together[0]["nonfinite_steps"]) == (10, 1)
     assert aggregate_groups(readout, [], numel) == []
+
+
+def test_update_and_weight_norms_and_composer_keys_equal_the_step_they_describe(tmp_path):
+    """η_u‖û‖ of the last step, ‖W‖ now and their ratio, per class and (Composer's keys) per tensor, against the
+    step itself: the update is W₊ − (1 − ηλ)W, measured on the weights before and after in float64."""
+    model = tiny_model("gpt_neox")
+    opt = InstrumentedAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1)
+    monitor = ForceMonitor(opt, model, [JsonlSink(tmp_path)], log_every=1, per_tensor=False, composer_keys=True)
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    model(input_ids=x[:, :-1], labels=x[:, 1:]).loss.backward()
+    before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    opt.step()
+    record = monitor.log(1)
+    monitor.close()
+    update, param = {}, {}
+    for n, p in model.named_parameters():
+        step = p.detach().double() - (1 - 1e-2 * 0.1) * before[n]
+        update[n], param[n] = float(step.norm()), float(p.detach().double().norm())
+        assert record[f"l2_norm/update/{n}"] == pytest.approx(update[n], rel=1e-4, abs=1e-9), n
+        assert record[f"l2_norm/param/{n}"] == pytest.approx(param[n], rel=1e-9), n
+        assert record[f"l2_norm_ratio/update_param/{n}"] == pytest.approx(update[n] / param[n], rel=1e-4, abs=1e-9)
+    transmission = [n for n in update if monitor.roles[n].cls == "Transmission"]
+    u = math.sqrt(sum(update[n] ** 2 for n in transmission))
+    w = math.sqrt(sum(param[n] ** 2 for n in transmission))
+    assert record["Transmission/update_norm"] == pytest.approx(u, rel=1e-4)
+    assert record["Transmission/weight_norm"] == pytest.approx(w, rel=1e-9)
+    assert record["Transmission/update_weight_ratio"] == pytest.approx(u / w, rel=1e-4)
