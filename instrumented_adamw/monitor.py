@@ -63,6 +63,8 @@ METRIC_KEYS = (
     "update_norm",
     "weight_norm",
     "update_weight_ratio",
+    "tau_iter",
+    "rms_over_eq",
 )
 
 
@@ -158,16 +160,22 @@ def aggregate_groups(readout: ForceReadout, groups: list[np.ndarray], numel: np.
         # Steps that moved W unmeasured (track_every > 1) leave the books open: no residual rather than a wrong one.
         closes = max_unmeasured == 0
         u_norm = math.sqrt(s[_X["u_per_step"]])  # interval-mean ‖û‖
+        rms = math.sqrt(s[_X["w_now"]] / n_el) if n_el else math.nan
+        rms_eq = equilibrium_norm(u_norm, cos_interval, lr, wd, ulr) / math.sqrt(n_el) if n_el else math.nan
         entry.update(
             cos_w_u_interval=cos_interval,
-            rms_eq=equilibrium_norm(u_norm, cos_interval, lr, wd, ulr) / math.sqrt(n_el) if n_el else math.nan,
+            rms_eq=rms_eq,
             rms_eq_indep=equilibrium_norm(u_norm, 0.0, lr, wd, ulr) / math.sqrt(n_el) if n_el else math.nan,
             align_share=a,
             inject_share=i,
             decay_share=d,
             net=entry["align"] + entry["inject"] + entry["decay"] + entry["higher_order"],
             w_sq_now=s[_X["w_now"]],
-            rms=math.sqrt(s[_X["w_now"]] / n_el) if n_el else math.nan,
+            rms=rms,
+            # Decoupled decay makes W an average over τ = 1/(ηλ) steps (the last step's η and λ); how far the RMS
+            # is from the equilibrium the interval's forces imply (1: there).
+            tau_iter=1.0 / (lr * wd) if lr * wd > 0 else math.nan,
+            rms_over_eq=rms / rms_eq if rms_eq > 0 else math.nan,
             # The last step's size η_u‖û‖ against ‖W‖ (over a set: the norms of the concatenated tensors).
             update_norm=math.sqrt(s[_X["last_inject"]]),
             weight_norm=math.sqrt(s[_X["w_now"]]),

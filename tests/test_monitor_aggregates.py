@@ -345,3 +345,24 @@ def test_update_and_weight_norms_and_composer_keys_equal_the_step_they_describe(
     assert record["Transmission/update_norm"] == pytest.approx(u, rel=1e-4)
     assert record["Transmission/weight_norm"] == pytest.approx(w, rel=1e-9)
     assert record["Transmission/update_weight_ratio"] == pytest.approx(u / w, rel=1e-4)
+
+
+def test_timescale_and_distance_from_equilibrium_follow_their_definitions(tmp_path):
+    """τ_iter = 1/(ηλ) of the last step, and RMS / rms_eq: the run's distance from the equilibrium its forces imply."""
+    model = tiny_model("gpt_neox")
+    opt = InstrumentedAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1)
+    monitor = ForceMonitor(opt, model, [], log_every=1, per_tensor=False)
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    model(input_ids=x[:, :-1], labels=x[:, 1:]).loss.backward()
+    opt.step()
+    record = monitor.log(1)
+    assert record["Transmission/tau_iter"] == pytest.approx(1 / (1e-2 * 0.1), rel=1e-12)
+    assert record["Transmission/rms_over_eq"] == pytest.approx(
+        record["Transmission/rms"] / record["Transmission/rms_eq"], rel=1e-12
+    )
+    no_decay = InstrumentedAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.0)
+    model(input_ids=x[:, :-1], labels=x[:, 1:]).loss.backward()
+    no_decay.step()
+    assert math.isnan(
+        ForceMonitor(no_decay, model, [], per_tensor=False, open_books=False).log(1)["Transmission/tau_iter"]
+    )
