@@ -80,8 +80,3 @@ def run_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     return dict(steps=last.get("step"), final_loss=last.get("loss"), final_val_loss=val[-1] if val else None,
                 median_tok_s=tok_s[len(tok_s) // 2] if tok_s else None,
                 transmission_align_share=last.get("Transmission/align_share"))  # fmt: skip
-
-
-def plain_config(cfg) -> dict[str, Any]:
-    """A resolved config as plain JSON (tuples as lists), for run records."""
-    return json.loads(json.dumps(cfg.to_dict(), default=list))

@@ -32,10 +32,11 @@ from typing import Any
 import yaml
 
 from experiments.campaign import config_changes, config_digest
-from experiments.compact_logs import compact_run, plain_config, run_summary
+from experiments.compact_logs import compact_run, run_summary
 from experiments.gpu_evidence.window import commit_info, detect_device
 from train import provenance
 from train.config import load_config
+from train.rundir import plain_config
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "configs" / "cpu_study" / "study.yaml"

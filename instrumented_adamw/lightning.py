@@ -26,9 +26,6 @@ from instrumented_adamw.utils.extras import require
 
 _callbacks = require("lightning.pytorch.callbacks", "the Lightning callback (instrumented_adamw.lightning)")
 
-#: Per-layer values sent to the loggers (every class's metrics go too; per-tensor detail stays in JSONL).
-LAYER_KEYS = ("align_share", "inject_share", "decay_share", "net")
-
 
 class ForceMonitorCallback(_callbacks.Callback):
     """Reads and logs the forces of the Trainer's instrumented optimizers (see the module docstring).
@@ -86,9 +83,7 @@ class ForceMonitorCallback(_callbacks.Callback):
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             scalars = {"loss": float(loss)} if loss is not None else {}  # note: a sync point, on log steps only
             self.monitor.write(reading, **scalars)  # no sinks on other ranks: writes nothing there
-            metrics.update({f"forces/{k}": v for k, v in reading.metrics.items()})
-            for layer, agg in reading.forces["layers"].items():
-                metrics.update({f"forces/layer{layer}/{k}": agg[k] for k in LAYER_KEYS})
+            metrics.update(reading.logger_metrics())
         if self.monitor.weibull_every and step % self.monitor.weibull_every == 0:
             summary = self.monitor.fit(step)["summary"]  # gathers sharded matrices: every rank
             metrics.update({f"forces/{k}": v for k, v in summary.items()})

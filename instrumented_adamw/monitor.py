@@ -110,6 +110,10 @@ _EXTRA = ("w_now", "last_wu", "last_uu", "last_ww", "numel", "u_per_step", "res"
 _X = {name: len(QUANTITIES) + i for i, name in enumerate(_EXTRA)}
 
 
+#: Per-layer values :meth:`Reading.logger_metrics` sends to framework loggers.
+LOGGER_LAYER_KEYS = ("align_share", "inject_share", "decay_share", "net")
+
+
 def composer_metrics(readout: ForceReadout) -> dict[str, float]:
     """Each tensor's last step in Composer's ``OptimizerMonitor`` key scheme: the update's norm η_u‖û‖ (the step the
     optimizer applied, decay aside), the parameter's norm ‖W‖ (now) and their ratio."""
@@ -213,6 +217,15 @@ class Reading:
     step: int
     metrics: dict[str, Any]
     forces: dict[str, Any]
+
+    def logger_metrics(self, prefix: str = "forces/") -> dict[str, float]:
+        """The flat scalars a training framework's loggers take (TensorBoard, wandb through Lightning or
+        torchtitan): every class metric and each layer's :data:`LOGGER_LAYER_KEYS`, under ``prefix``; per-tensor
+        detail stays in the JSONL records."""
+        out = {f"{prefix}{k}": v for k, v in self.metrics.items()}
+        for layer, agg in self.forces["layers"].items():
+            out.update({f"{prefix}layer{layer}/{k}": agg[k] for k in LOGGER_LAYER_KEYS})
+        return out
 
 
 class ForceMonitor:

@@ -43,8 +43,6 @@ from torchtitan.components.optimizer import OptimizersContainer  # noqa: E402
 
 #: Optimizer names the container adds to torchtitan's factory.
 FACTORIES = {"InstrumentedAdamW": InstrumentedAdamW, "InstrumentedMuon": InstrumentedMuon}
-#: Per-layer values sent to torchtitan's loggers (every class's values go too; per-tensor detail stays in JSONL).
-LAYER_KEYS = ("align_share", "inject_share", "decay_share", "net")
 #: Param group keys the instrumented optimizers add (absent from checkpoints of torch's optimizers).
 _INSTRUMENTED_GROUP_KEYS = ("track_calls", "lr_peak")
 
@@ -142,10 +140,7 @@ class ForceMetricsProcessor(MetricsProcessor):
             extra_metrics: dict[str, Any] | None = None) -> None:  # fmt: skip
         monitor = self._force_monitor()
         reading = monitor.read(step)
-        metrics = {f"forces/{k}": v for k, v in reading.metrics.items()}  # per class: shares, rms, net, T/τ, ...
-        for layer, agg in reading.forces["layers"].items():
-            for key in LAYER_KEYS:
-                metrics[f"forces/layer{layer}/{key}"] = agg[key]
+        metrics = reading.logger_metrics()  # per class: shares, rms, net, T/τ, ...; per layer: shares and net
         monitor.write(reading, loss=global_avg_loss)
         if self.config.weibull_every and step % self.config.weibull_every == 0:
             metrics.update({f"forces/{k}": v for k, v in monitor.fit(step)["summary"].items()})

@@ -25,7 +25,7 @@ from experiments.campaign import (
     run_states,
     source_hash,
 )
-from experiments.compact_logs import compact_run, plain_config, run_summary
+from experiments.compact_logs import compact_run, run_summary
 from experiments.gpu_evidence.window import ChildProcess, Window
 from experiments.scheduler import (
     Observation,
@@ -37,6 +37,7 @@ from experiments.scheduler import (
     snapshot_count,
 )
 from train import provenance
+from train.rundir import plain_config
 
 
 def timing_model(win: Window) -> TimingModel:

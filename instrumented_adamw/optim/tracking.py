@@ -25,6 +25,7 @@ import copy
 import pickle
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -510,8 +511,6 @@ class ForceTracking:
 
 def _disambiguate(name: str, taken: set[str], where: str) -> str:
     """``name#1`` (``#2``, ...) for a name another tensor already has, with a warning that says so."""
-    import warnings
-
     n = 1
     while f"{name}#{n}" in taken:
         n += 1
