@@ -51,6 +51,38 @@ def _warn_if_the_trainer_dropped_weight_decay(opt, args) -> None:
             return
 
 
+def _main_process(args, state) -> bool:
+    """Rank 0 of the process group when there is one. Not ``state.is_world_process_zero`` alone: transformers 5.x
+    builds the TrainerState that ``on_train_begin`` gets with that flag at its default (True) on every rank; and
+    under DeepSpeed on CPU ``args.process_index`` is 0 on every rank too."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return state.is_world_process_zero and args.process_index == 0
+
+
+def _deepspeed_route(args, optimizer) -> str:
+    """Why, under DeepSpeed, the Trainer's optimizer is not ours, and the route that works."""
+    inner = optimizer
+    while hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    config = getattr(args, "hf_deepspeed_config", None)
+    config = getattr(config, "config", None) or {}
+    if "optimizer" in config:
+        why = (
+            'the DeepSpeed config has an "optimizer" section, so DeepSpeed built its own optimizer: remove that '
+            "section and pass"
+        )
+    else:
+        why = "under DeepSpeed the Trainer discards optimizers=(...) and builds its optimizer itself: pass"
+    return (
+        f"ForceMonitorCallback needs the Trainer to use an instrumented optimizer, got {type(inner).__name__}: {why} "
+        "optimizer_cls_and_kwargs=(InstrumentedAdamW, {'lr': ..., 'weight_decay': ...}) to the Trainer, with "
+        "TrainingArguments(weight_decay=...) for the decay (ZeRO stages 0, 1 and 2 are measured exactly)"
+    )
+
+
 class ForceMonitorCallback(TrainerCallback):
     """Reads and logs the forces every ``log_every`` optimizer steps (default: the Trainer's ``logging_steps``).
 
@@ -79,6 +111,8 @@ class ForceMonitorCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         opt = as_tracked(self._optimizers if self._optimizers is not None else optimizer)
+        if opt is None and getattr(args, "deepspeed", None):
+            raise TypeError(_deepspeed_route(args, optimizer))
         if opt is None:
             raise TypeError(
                 f"ForceMonitorCallback needs the Trainer to use an instrumented optimizer, got "
@@ -87,7 +121,7 @@ class ForceMonitorCallback(TrainerCallback):
                 "run: a HybridOptimizer, or ForceMonitorCallback(optimizers=[muon, adamw]))"
             )
         sinks: list[Sink] = []
-        if state.is_world_process_zero:
+        if _main_process(args, state):
             sinks = self._sinks
             if sinks is None:
                 sinks = [JsonlSink(Path(args.output_dir) / "forces", resume_step=state.global_step)]

@@ -17,13 +17,8 @@ from instrumented_adamw.optim.functional import (
     multi_tensor_adamw,
     single_tensor_adamw,
 )
-from instrumented_adamw.optim.tracking import (
-    WEIGHT_DECAY_SCHEDULES,
-    ForceTracking,
-    any_dtensor,
-    local_tensor,
-    unwrap_optimizer,
-)
+from instrumented_adamw.optim.sharding import any_dtensor, local_tensor
+from instrumented_adamw.optim.tracking import WEIGHT_DECAY_SCHEDULES, ForceTracking, unwrap_optimizer
 
 __all__ = ["WEIGHT_DECAY_SCHEDULES", "InstrumentedAdamW", "unwrap_optimizer"]
 
@@ -41,7 +36,9 @@ class _GroupStep(NamedTuple):
 
     index: int
     group: dict[str, Any]
-    params: list[Tensor]  # the group's parameters as given (DTensors stay DTensors: the force rows are keyed by them)
+    # The tensors the force rows are keyed by: the group's parameters as given (DTensors stay DTensors), or for
+    # DeepSpeed's flat partitions each slice's parameter (None for padding).
+    params: list[Tensor | None]
     lr: float | Tensor
     weight_decay: float | Tensor
     beta1: float | Tensor
@@ -171,6 +168,7 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
         )
 
     _CARRIED = ForceTracking._CARRIED + ("_kernel_launches",)
+    _ELEMENTWISE = True
 
     def _reset_host_caches(self) -> None:
         self._arena = Arena()  # CPU scratch buffers, reused between steps
@@ -203,7 +201,15 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
             if not params:
                 continue
-            tracked = [measuring and id(p) in self._rows for p in params]
+            keys: list = params
+            finish = cut = None
+            if self._zero and self._whole_partitions(group, params):
+                keys, cut = self._zero.cuts(params)
+            elif self._zero:  # DeepSpeed ZeRO-1/2: each flat partition stepped as its parameters' slices
+                lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+                lists, keys, state_steps, finish = self._zero.expand(lists, state_steps)
+                params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = lists
+            tracked = [measuring and id(k) in self._rows for k in keys]
             # DTensor shards: AdamW is elementwise, so updating each local shard in place is the sharded update;
             # the reductions become per-shard partial sums.
             local = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
@@ -211,19 +217,26 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
                 local = [[local_tensor(t) for t in ts] for ts in local]
             beta1, beta2 = group["betas"]
             how = _GroupStep(
-                index=g_index, group=group, params=params, lr=_to_scalar(group["lr"]),  # one-element tensor lr too
+                index=g_index, group=group, params=keys, lr=_to_scalar(group["lr"]),  # one-element tensor lr too
                 weight_decay=self._effective_weight_decay(group, g_index), beta1=beta1, beta2=beta2,
                 has_complex=has_complex, tracked=tracked, mask=mask, compiling=compiling, grad_scale=grad_scale,
                 found_inf=found_inf, arena=self._arena if params[0].device.type == "cpu" and not compiling else None,
             )  # fmt: skip
-            path = self._path(
-                group, local, scaled=grad_scale is not None or found_inf is not None, tracking=any(tracked)
-            )
-            reductions, skip = self._UPDATES[path](self, (*local, state_steps, tracked), how)
+            if cut is not None:  # torch's fused update of the flat partitions, reductions per slice
+                flat_tracked = [any(tracked[k] for k, _, _ in cut[i]) for i in range(len(params))]
+                cut = {i: [c for c in cut[i] if tracked[c[0]]] for i in range(len(params))}
+                reductions, skip = self._update_delegated((*local, state_steps, flat_tracked), how, cut=cut)
+            else:
+                path = self._path(
+                    group, local, scaled=grad_scale is not None or found_inf is not None, tracking=any(tracked)
+                )
+                reductions, skip = self._UPDATES[path](self, (*local, state_steps, tracked), how)
+            if finish is not None:
+                finish()
             if reductions:
-                self._record(params, reductions, how.lr, how.weight_decay, skip, mask)  # original params: rows by id
+                self._record(keys, reductions, how.lr, how.weight_decay, skip, mask)  # original params: rows by id
             elif self._track and not measuring:
-                self._record_unmeasured(params, skip)
+                self._record_unmeasured(keys, skip)
         return loss
 
     # The five update paths, one signature (as torch's adamw picks _fused / _multi_tensor / _single_tensor): the
@@ -247,12 +260,12 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
         )  # fmt: skip
         return reductions, how.found_inf
 
-    def _update_delegated(self, lists: tuple, how: _GroupStep) -> tuple[Any, Tensor | None]:
+    def _update_delegated(self, lists: tuple, how: _GroupStep, cut=None) -> tuple[Any, Tensor | None]:
         group = how.group
         reductions = delegated_adamw(
             *lists, has_complex=how.has_complex, beta1=how.beta1, beta2=how.beta2, foreach=group["foreach"],
             capturable=group["capturable"], differentiable=group["differentiable"], fused=group["fused"],
-            grad_scale=how.grad_scale, found_inf=how.found_inf, arena=how.arena, **how.common(),
+            grad_scale=how.grad_scale, found_inf=how.found_inf, arena=how.arena, cut=cut, **how.common(),
         )  # fmt: skip
         return reductions, how.found_inf
 
@@ -272,6 +285,13 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
         "foreach": _update_foreach,
         "single": _update_single,
     }
+
+    def _whole_partitions(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        """Whether DeepSpeed's flat partitions of this group are updated whole: torch's fused CPU kernel treats the
+        last elements of a tensor apart from the rest (scalar tail vs vector body, which round differently), so
+        only the update of the whole flat tensor is bitwise DeepSpeed's. Elsewhere each slice is updated on its
+        own (elementwise paths, the same values; CUDA's single-pass kernel)."""
+        return bool(group["fused"]) and all(p.device.type == "cpu" and self._zero.knows(p) for p in params)
 
     @staticmethod
     def _triton_device(device: torch.device) -> bool:

@@ -296,8 +296,12 @@ def delegated_adamw(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     arena: Arena | None = None,
+    cut: dict[int, list[tuple[int, int, int]]] | None = None,
 ) -> Reductions:
     """torch's own functional AdamW does the update; reductions come from a snapshot of W taken just before.
+
+    ``cut`` (DeepSpeed's flat partitions, :mod:`.zero`): tensor ``i``'s reductions are taken per slice ``(position,
+    start, numel)`` of it instead, keyed by position.
 
     Costs one copy of the tracked weights plus one pass over (W, m, v) after the step. Bias corrections are taken
     from the step tensors on the device, so nothing synchronises with the host and CUDA-graph capture stays valid.
@@ -352,5 +356,9 @@ def delegated_adamw(
             bc1 = 1 - b1**step
             bc2_sqrt = (1 - b2**step).sqrt().to(reduction_dtype(m.dtype))
             u = _uhat_raw(m, None, v, bc2_sqrt, eps, out=buf)
-            out[i] = _scaled(reduce3(snap, u), bc1)
+            if cut is None:
+                out[i] = _scaled(reduce3(snap, u), bc1)
+                continue
+            for position, start, numel in cut[i]:
+                out[position] = _scaled(reduce3(snap.narrow(0, start, numel), u.narrow(0, start, numel)), bc1)
     return out

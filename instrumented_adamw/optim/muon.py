@@ -32,7 +32,8 @@ from torch.optim.optimizer import _to_scalar
 
 from instrumented_adamw.kernels.reductions import reduce3, reduction_dtype
 from instrumented_adamw.optim.functional import StackedReductions
-from instrumented_adamw.optim.tracking import ForceTracking, is_dtensor, local_tensor
+from instrumented_adamw.optim.sharding import is_dtensor, local_tensor
+from instrumented_adamw.optim.tracking import ForceTracking
 
 #: The torch release that ships ``torch.optim.Muon``.
 MUON_TORCH = "2.9"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import pickle
 import re
-import sys
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -34,26 +33,23 @@ import torch
 from torch import Tensor, nn
 
 from instrumented_adamw.kernels.reductions import sq_norms_exact
-from instrumented_adamw.optim.forces import ForceReadout, ForceStats, additive_columns, forces_from_reductions
+from instrumented_adamw.optim.forces import (
+    START_KNOWN,
+    START_W_SQ,
+    ForceReadout,
+    ForceStats,
+    additive_columns,
+    forces_from_reductions,
+)
 from instrumented_adamw.optim.functional import StackedReductions
+from instrumented_adamw.optim.sharding import _distinct, _summing_groups, local_tensor
+from instrumented_adamw.optim.zero import ZeroMap, map_partition, refuse_unmappable
 
 WEIGHT_DECAY_SCHEDULES = ("lr", "lr_squared")
 #: Names given to tensors passed without names (``model.parameters()``); the monitor renames them from the model.
 _GENERIC_NAME = re.compile(r"group\d+\.param\d+")
 #: Relative slack when checking lr_t ≤ η_max for ``lr_squared`` (schedulers compute the peak in float arithmetic).
 _PEAK_SLACK = 1e-9
-
-
-def _dtensor_class():
-    """``DTensor``, if anything has imported it: no DTensor can exist before (FSDP2, TP and DCP import it), and
-    importing it here would cost every user a second of start-up."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None) if module is not None else None
-
-
-def is_dtensor(t) -> bool:
-    cls = _dtensor_class()
-    return cls is not None and isinstance(t, cls)
 
 
 def unwrap_optimizer(optimizer):
@@ -68,20 +64,13 @@ def unwrap_optimizer(optimizer):
     return optimizer
 
 
-def local_tensor(t):
-    """The local shard of a DTensor (sharing its storage), or ``t`` itself."""
-    return t.to_local() if is_dtensor(t) else t
-
-
-def any_dtensor(tensors) -> bool:
-    """Whether any of ``tensors`` is a DTensor: the per-step check that lets plain tensors skip ``local_tensor``."""
-    cls = _dtensor_class()
-    return cls is not None and any(isinstance(t, cls) for t in tensors)
-
-
 class ForceTracking:
     """Mixin of the shared tracking machinery; see the module docstring. Subclasses call :meth:`_init_tracking`
     before ``torch.optim.Optimizer.__init__`` (which calls ``add_param_group`` for every group)."""
+
+    #: Whether the update acts element by element (AdamW), so that it may run on slices of DeepSpeed's flat
+    #: partitions (:mod:`.zero`); Muon's needs whole matrices.
+    _ELEMENTWISE = False
 
     def _init_tracking(
         self,
@@ -109,6 +98,8 @@ class ForceTracking:
         self._lr_peak = lr_peak
         self._created_lr: list[float | None] = []  # per group: the fallback η_max of lr_squared
         self._names: dict[int, str] = {}  # id(param) -> name, every parameter of every group
+        self._given: list[list[Tensor]] = []  # each group's tensors as given (DeepSpeed may replace them)
+        self._zero = ZeroMap()  # DeepSpeed ZeRO-1/2 flat partitions, mapped back to the parameters
         self._generic: set[int] = set()  # parameters named group{g}.param{i} (passed without names)
         # Calls of step(), as a CPU tensor updated in place: torch.compile keeps tensor mutations, but drops
         # attribute stores on an optimizer it traces. Reading it is a host read, never a device sync.
@@ -130,11 +121,12 @@ class ForceTracking:
     def _begin_step(self) -> tuple[bool, Tensor | None]:
         """Count the call; (measure this step?, and under ``torch.compile`` with ``track_every > 1`` the same as a
         tensor, since the choice must then stay in the graph: the reductions run and unmeasured ones are masked)."""
-        self._calls.add_(1)  # in place: survives torch.compile
+        if self._track and not torch.compiler.is_compiling():
+            self._check_params_known()
+        if self._zero.counts(self.param_groups):  # DeepSpeed steps one group per call: one count per step
+            self._calls.add_(1)  # in place: survives torch.compile
         if not self._track:
             return False, None
-        if not torch.compiler.is_compiling():
-            self._check_params_known()
         if self._track_every == 1:
             return True, None
         if torch.compiler.is_compiling():
@@ -154,6 +146,7 @@ class ForceTracking:
         group.setdefault("lr_peak", self._lr_peak)
         _check_peak(group["lr_peak"], f"param_groups[{g}]['lr_peak']")
         group["track_calls"] = int(self._calls)
+        self._given.append(list(group["params"]))
         lr = group["lr"]
         self._created_lr.append(float(lr) if not isinstance(lr, Tensor) else None)
         names = group.get("param_names")
@@ -179,7 +172,7 @@ class ForceTracking:
         self._rows, self._stats, self._tracked_params, self._row_groups, self._sum_groups = {}, {}, {}, {}, {}
         by_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
         for group in self.param_groups:
-            for p in group["params"]:
+            for p in self._zero.owners(group["params"], self._given):
                 name = self._names[id(p)]
                 if only is not None:
                     selected = id(p) in only
@@ -190,7 +183,7 @@ class ForceTracking:
         for device, items in by_device.items():
             stats = self._stats[device] = ForceStats(device)
             rows = stats.add_rows([n for n, _ in items])
-            self._row_groups[device] = [_summing_groups(n, p) for n, p in items]
+            self._row_groups[device] = [self._summed_over(n, p) for n, p in items]
             self._sum_groups[device] = _distinct(g for groups in self._row_groups[device] for g in groups)
             self._tracked_params[device] = [p for _, p in items]
             for (_, p), row in zip(items, rows, strict=True):
@@ -199,19 +192,25 @@ class ForceTracking:
                 if old is not None:
                     stats.table[row] = old_stats[old[0]].table[old[1]]
 
+    def _summed_over(self, name: str, p: Tensor) -> tuple[Any, ...]:
+        groups = self._zero.group.get(id(p))
+        return groups if groups is not None else _summing_groups(name, p)
+
     def _check_params_known(self, cached: bool = True) -> None:
-        """Tensors put into the param groups behind the optimizer's back: adopted where each takes the place of one
-        of the same shape (accelerate's FSDP2 ``prepare`` swaps the parameters for their DTensors), refused
-        otherwise (DeepSpeed ZeRO-1/2's flat partitions): the forces of an unknown tensor cannot be attributed to
-        the parameters it was given, and must never read as zeros. (Checked when a group's parameter list is a new
-        object, so a step pays one tuple comparison.)"""
+        """Tensors put into the param groups behind the optimizer's back: DeepSpeed ZeRO-1/2's flat partitions
+        mapped back to the parameters (:mod:`.zero`); others adopted where each takes the place of one of the same
+        shape (accelerate's FSDP2 ``prepare`` swaps the parameters for their DTensors), refused otherwise: the
+        forces of an unknown tensor cannot be attributed to the parameters it was given, and must never read as
+        zeros. (Checked when a group's parameter list is a new object, so a step pays one tuple comparison.)"""
         lists = tuple(id(group["params"]) for group in self.param_groups)
         if cached and lists == self._known_lists:
             return
         adopted = False
         for g, group in enumerate(self.param_groups):
             params = group["params"]
-            if all(id(p) in self._names for p in params):
+            if all(id(p) in self._names or self._zero.knows(p) for p in params):
+                continue
+            if self._map_partitions([p for p in params if id(p) not in self._names]):
                 continue
             before = self._group_shapes[g] if g < len(self._group_shapes) else []
             if len(before) == len(params) and all(
@@ -226,18 +225,48 @@ class ForceTracking:
                 continue
             unknown = [p for p in params if id(p) not in self._names]
             shapes = ", ".join(str(tuple(p.shape)) for p in unknown[:3])
+            refuse_unmappable(self._given, type(self).__name__, self._ELEMENTWISE)
             raise RuntimeError(
                 f"{type(self).__name__}: param_groups[{g}] holds {len(unknown)} tensor(s) it was never given "
                 f"(shapes {shapes}), not in the places of same-shaped parameters: the parameters were replaced "
-                "after construction by something else. DeepSpeed ZeRO stages 1 and 2 do this (one flat fp32 "
-                "partition per rank), and forces measured on it would not be your parameters', so nothing is "
-                "reported rather than zeros. What works: DeepSpeed ZeRO stage 0, torch DDP, FSDP2 or any DTensor "
-                "mesh (HF Trainer and accelerate included); or pass track=False to train without measuring."
+                "after construction by something else, without a map back to the parameters (DeepSpeed ZeRO-1/2's "
+                "flat partitions carry one, and are mapped), so forces measured on them would not be your "
+                "parameters' and nothing is reported rather than zeros. What works: DeepSpeed ZeRO stages 0, 1 and "
+                "2, torch DDP, FSDP2 or any DTensor mesh (HF Trainer and accelerate included); or pass track=False "
+                "to train without measuring."
             )
-        self._group_shapes = [[(id(p), tuple(p.shape)) for p in group["params"]] for group in self.param_groups]
+        if len(self.param_groups) == len(self._given):  # not DeepSpeed's one-group view of a step
+            self._group_shapes = [[(id(p), tuple(p.shape)) for p in group["params"]] for group in self.param_groups]
         self._known_lists = lists
         if adopted:
             self._rebuild_tracking(keep=False)
+
+    def _map_partitions(self, unknown: list[Tensor]) -> bool:
+        """Map DeepSpeed's flat partitions among ``unknown`` to the parameters (all of them, or False). Their rows
+        stay; each now measures its slice of this rank's partition and sums over DeepSpeed's data-parallel group."""
+        if not self._ELEMENTWISE or not all(p.dim() == 1 for p in unknown):
+            return False
+        parts = [map_partition(flat, self._given, type(self).__name__) for flat in unknown]
+        if any(part is None for part in parts):
+            return False
+        for part in parts:
+            self._zero.partitions[id(part.flat)] = part
+            for key, view in zip(part.keys, part.views, strict=True):
+                if key is None:
+                    continue
+                self._zero.view[id(key)] = view
+                self._zero.group[id(key)] = _dp_groups(key)
+                where = self._rows.get(id(key))
+                if where is None:
+                    continue
+                device, row = where
+                self._row_groups[device][row] = self._summed_over(self._names[id(key)], key)
+                table = self._stats[device].table
+                if table[row, START_KNOWN] > 0:  # a read before: the interval starts from this rank's slice
+                    table[row, START_W_SQ] = sq_norms_exact([view])[0].to(table)
+        for device, row_groups in self._row_groups.items():
+            self._sum_groups[device] = _distinct(g for groups in row_groups for g in groups)
+        return True
 
     @property
     def track_filter(self) -> Callable[[str], bool] | None:
@@ -354,6 +383,7 @@ class ForceTracking:
         self._reset_host_caches()
         self._names, self._generic, self._rows, self._stats = {}, set(), {}, {}
         self._known_lists, self._group_shapes = None, []
+        self._given, self._zero = [list(group["params"]) for group in self.param_groups], ZeroMap()
         params = [p for group in self.param_groups for p in group["params"]]
         for p, (name, generic, _) in zip(params, extra["rows"], strict=True):
             self._names[id(p)] = name
@@ -472,7 +502,11 @@ class ForceTracking:
         for device, stats in self._stats.items():
             if not stats.names:
                 continue
-            local = [local_tensor(p) for p in self._tracked_params[device]]
+            # DeepSpeed's parameters: their slices of this rank's partition (the weights the update acts on)
+            local = [self._zero.view.get(id(p)) for p in self._tracked_params[device]]
+            local = [
+                local_tensor(p) if v is None else v for p, v in zip(self._tracked_params[device], local, strict=True)
+            ]
             real = [torch.view_as_real(p) if p.is_complex() else p for p in local]
             w_sq = sq_norms_exact(real)  # float64: the residual is a small difference
             packed = torch.cat((stats.table, w_sq[:, None]), dim=1)
@@ -522,39 +556,12 @@ def _disambiguate(name: str, taken: set[str], where: str) -> str:
     return f"{name}#{n}"
 
 
-def _summing_groups(name: str, p: Tensor) -> tuple[Any, ...]:
-    """The process groups over which a tensor's element sums add up: those of the mesh dimensions it is sharded on
-    (``Shard``, ``_StridedShard``), in mesh order; none for a plain tensor or one replicated everywhere. A
-    ``Partial`` parameter holds pending sums an elementwise update cannot act on: refused."""
-    if not is_dtensor(p):
-        return ()
-    from torch.distributed.tensor.placement_types import Shard
+def _dp_groups(p: Tensor) -> tuple[Any, ...]:
+    """The group a DeepSpeed parameter's slices add up over (its ``_dp_group``; None is the default group); none in
+    a single process."""
+    import torch.distributed as dist
 
-    try:
-        from torch.distributed.tensor.placement_types import _StridedShard  # FSDP2 x TP's dp dimension
-    except ImportError:  # pragma: no cover - older torch: no strided shards
-        _StridedShard = Shard
-    groups = []
-    for dim, placement in enumerate(p.placements):
-        if isinstance(placement, (Shard, _StridedShard)):
-            groups.append(p.device_mesh.get_group(dim))
-        elif not placement.is_replicate():
-            raise ValueError(
-                f"{name}: DTensor placement {placement} on mesh dimension {dim} ({p.placements} on a "
-                f"{p.device_mesh.ndim}-D mesh): a parameter with pending partial sums cannot take an optimizer "
-                "step; redistribute it to Shard or Replicate placements before building the optimizer"
-            )
-    return tuple(groups)
-
-
-def _distinct(groups) -> list[Any]:
-    """Each process group once (by identity), in first-seen order: every rank sees its rows in the same order,
-    so every rank issues its all-reduces group by group in the same order."""
-    out: list[Any] = []
-    for g in groups:
-        if not any(g is seen for seen in out):
-            out.append(g)
-    return out
+    return (getattr(p, "_dp_group", None),) if dist.is_available() and dist.is_initialized() else ()
 
 
 def _per_row(values: list, device: torch.device) -> Tensor:
