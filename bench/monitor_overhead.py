@@ -5,7 +5,8 @@ process:
 
 * the training step (forward, backward, optimizer step with tracking; on CUDA under bf16 autocast with the fused
   kernel, and with ``--compile`` the model compiled, as the trainer runs it),
-* ``ForceMonitor.log`` (one force read + aggregation per class and layer + JSONL write) every ``--log-every``
+* ``ForceMonitor.log`` (one force read + aggregation per class and layer + the live diagnostics + JSONL and
+  TensorBoard writes) every ``--log-every``
   steps, and separately a read that also writes the per-tensor entries, which the trainer does every
   ``--per-tensor-every`` steps,
 * one ``ForceMonitor.fit`` (per-block Weibull fits of every matrix), amortised over ``--weibull-every`` steps,
@@ -31,7 +32,7 @@ from common import add_model_args, add_output_args, environment, small_neox, tar
 
 from instrumented_adamw import InstrumentedAdamW
 from instrumented_adamw.monitor import ForceMonitor
-from instrumented_adamw.sinks import JsonlSink
+from instrumented_adamw.sinks import JsonlSink, TensorBoardSink
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--per-tensor-every", type=int, default=250)
     p.add_argument("--weibull-every", type=int, default=250)
+    p.add_argument("--no-tensorboard", action="store_true", help="JSONL only (TensorBoardSink is on by default)")
     add_output_args(p)
     args = p.parse_args()
     if args.pythia70m:
@@ -118,8 +120,13 @@ def main() -> None:
     model = small_neox(args).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     opt = InstrumentedAdamW(model.named_parameters(), lr=1e-3, weight_decay=0.01, fused=True if cuda else None)
-    monitor = ForceMonitor(opt, model, [JsonlSink(tempfile.mkdtemp())], log_every=args.log_every, weibull_every=0,
-                           per_tensor_every=args.per_tensor_every)  # fmt: skip
+    # The sinks a dashboard user has (JSONL and TensorBoard; wandb's log call hands records to its own process) and
+    # the live diagnostics projecting T/τ along a 20k-step schedule.
+    logs = tempfile.mkdtemp()
+    sinks = [JsonlSink(logs)] + ([] if args.no_tensorboard else [TensorBoardSink(f"{logs}/tensorboard")])
+    monitor = ForceMonitor(opt, model, sinks, log_every=args.log_every, weibull_every=0,
+                           per_tensor_every=args.per_tensor_every, total_steps=20000,
+                           lr_at=lambda s: min(1.0, s / 1000))  # fmt: skip
     step_model = torch.compile(model) if args.compile else model
     x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
 

@@ -20,6 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from instrumented_adamw.alerts import lr_at_from_scheduler
 from instrumented_adamw.monitor import ForceMonitor, Reading, as_tracked
 from instrumented_adamw.sinks import JsonlSink, Sink
 from instrumented_adamw.utils.extras import require
@@ -127,8 +128,9 @@ class ForceMonitorCallback(TrainerCallback):
                 sinks = [JsonlSink(Path(args.output_dir) / "forces", resume_step=state.global_step)]
         log_every = self._log_every or max(1, int(args.logging_steps))
         self.monitor = ForceMonitor(
-            opt, model, sinks, log_every=log_every, weibull_every=self._weibull_every, per_tensor=self._per_tensor
-        )
+            opt, model, sinks, log_every=log_every, weibull_every=self._weibull_every, per_tensor=self._per_tensor,
+            total_steps=state.max_steps or None, lr_at=lr_at_from_scheduler(kwargs.get("lr_scheduler")),
+        )  # fmt: skip
         _warn_if_the_trainer_dropped_weight_decay(opt, args)
         saved = (state.stateful_callbacks or {}).get(STATE_KEY)
         if state.global_step > 0 and saved:  # resumed from a checkpoint: T/τ continues where it was

@@ -17,9 +17,11 @@ resumed from one continues the books; its JSONL files drop the records written a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+from instrumented_adamw.alerts import lr_at_from_scheduler
 from instrumented_adamw.monitor import ForceMonitor, as_tracked
 from instrumented_adamw.sinks import JsonlSink, Sink
 from instrumented_adamw.utils.extras import require
@@ -66,8 +68,12 @@ class ForceMonitorCallback(_callbacks.Callback):
         if trainer.is_global_zero:
             sinks = self._sinks if self._sinks is not None else [JsonlSink(self.directory(trainer), resume_step=step)]
         log_every = self._log_every or max(1, int(trainer.log_every_n_steps))
+        total = trainer.estimated_stepping_batches  # the diagnostics project T/τ to it (inf: an open-ended run)
+        configs = getattr(trainer, "lr_scheduler_configs", None) or []
+        lr_at = lr_at_from_scheduler(configs[0].scheduler) if configs else None
         self.monitor = ForceMonitor(opt, pl_module, sinks, log_every=log_every, weibull_every=self._weibull_every,
-                                    per_tensor_every=self._per_tensor_every)  # fmt: skip
+                                    per_tensor_every=self._per_tensor_every,
+                                    total_steps=int(total) if math.isfinite(total) else None, lr_at=lr_at)  # fmt: skip
         if step > 0 and self._saved:
             self.monitor.load_state_dict(self._saved)
         self._last_step = step

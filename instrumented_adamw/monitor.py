@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from instrumented_adamw.alerts import Alert, LiveDiagnostics
 from instrumented_adamw.optim.forces import LAST_KEYS, QUANTITIES, ForceReadout
 from instrumented_adamw.optim.tracking import ForceTracking, unwrap_optimizer
 from instrumented_adamw.sinks import FanOut, Sink
@@ -184,6 +185,8 @@ def aggregate_groups(readout: ForceReadout, groups: list[np.ndarray], numel: np.
             update_norm=math.sqrt(s[_X["last_inject"]]),
             weight_norm=math.sqrt(s[_X["w_now"]]),
             update_weight_ratio=math.sqrt(s[_X["last_inject"]] / s[_X["w_now"]]) if s[_X["w_now"]] > 0 else math.nan,
+            last_lr=lr,
+            last_weight_decay=wd,
             cos_w_u=wu / math.sqrt(uu * ww) if uu > 0 and ww > 0 else math.nan,
             residual=s[_X["res"]] if closes else math.nan,
             rel_residual=s[_X["abs_res"]] / budget if budget > 0 and closes else math.nan,
@@ -193,6 +196,21 @@ def aggregate_groups(readout: ForceReadout, groups: list[np.ndarray], numel: np.
         )
         out.append(entry)
     return out
+
+
+def _to_console(alerts: list[Alert]) -> None:
+    """Each alert once on stderr, from rank 0 only (every rank reads and would raise the same)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    for alert in alerts:
+        warnings.warn(f"[instrumented-adamw] step {alert.step}: {alert.message}", TrainingDiagnosticWarning,
+                      stacklevel=3)  # fmt: skip
+
+
+class TrainingDiagnosticWarning(UserWarning):
+    """A live diagnostic of the run (``instrumented_adamw.alerts``): filter or escalate with ``warnings``."""
 
 
 def as_tracked(optimizer):
@@ -217,6 +235,7 @@ class Reading:
     step: int
     metrics: dict[str, Any]
     forces: dict[str, Any]
+    alerts: list[Alert] = dataclasses.field(default_factory=list)
 
     def logger_metrics(self, prefix: str = "forces/") -> dict[str, float]:
         """The flat scalars a training framework's loggers take (TensorBoard, wandb through Lightning or
@@ -275,6 +294,9 @@ class ForceMonitor:
         names: Iterable[tuple[str, Tensor]] | None = None,
         open_books: bool = True,
         composer_keys: bool = False,
+        total_steps: int | None = None,
+        lr_at=None,
+        diagnostics: LiveDiagnostics | bool = True,
     ) -> None:
         inner = as_tracked(optimizer)
         if inner is None:
@@ -309,6 +331,13 @@ class ForceMonitor:
             raise ValueError("the optimizer tracks no tensors (track=False or a track_filter that matches nothing)")
         self.last_record: dict[str, Any] | None = None
         self._t_over_tau: dict[str, float] = {}  # cumulative Σ η_t λ_t per class since training began
+        self._t_over_tau_layers: dict[str, float] = {}  # and per layer
+        if diagnostics is True:
+            schedule = getattr(inner, "_wd_schedule", "lr")
+            diagnostics = LiveDiagnostics(total_steps, lr_at, weight_decay_schedule=schedule)
+        elif diagnostics is False:
+            diagnostics = None
+        self.diagnostics: LiveDiagnostics | None = diagnostics
         if open_books:
             # The first interval opens on exact (float64) norms taken now, as every later one does at its read, so
             # its residual is exact too, and a run resumed here books exactly as an uninterrupted one.
@@ -338,11 +367,16 @@ class ForceMonitor:
         per-tensor sums since the last per-tensor entry (plain lists: a resume state loads with weights_only)."""
         return {
             "t_over_tau": dict(self._t_over_tau),
+            "t_over_tau_layers": dict(self._t_over_tau_layers),
             "per_tensor_pending": {k: list(v) for k, v in self._pending.items()},
+            "diagnostics": self.diagnostics.state_dict() if self.diagnostics is not None else {},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._t_over_tau = dict(state.get("t_over_tau", {}))
+        self._t_over_tau_layers = dict(state.get("t_over_tau_layers", {}))
+        if self.diagnostics is not None:
+            self.diagnostics.load_state_dict(state.get("diagnostics", {}))
         self._pending = {k: list(v) for k, v in state.get("per_tensor_pending", {}).items()}
 
     def step(self, step: int, **scalars: float) -> dict[str, Any] | None:
@@ -371,11 +405,20 @@ class ForceMonitor:
         classes = dict(zip(self._classes, merged[: len(self._classes)], strict=True))
         layers = dict(zip(map(str, self._layers), merged[len(self._classes) :], strict=True))
         metrics: dict[str, Any] = {}
+        diag = self.diagnostics
+        for layer, agg in layers.items():
+            self._t_over_tau_layers[layer] = self._t_over_tau_layers.get(layer, 0.0) + agg["eta_lambda"]
+            agg["t_over_tau"] = self._t_over_tau_layers[layer]
+            if diag is not None:
+                agg.update(diag.project(agg, step))
         for c, agg in classes.items():
             self._t_over_tau[c] = self._t_over_tau.get(c, 0.0) + agg["eta_lambda"]
             agg["t_over_tau"] = self._t_over_tau[c]
-            for key in METRIC_KEYS:
+            projected = diag.project(agg, step) if diag is not None else {}
+            agg.update(projected)
+            for key in (*METRIC_KEYS, *projected):
                 metrics[f"{c}/{key}"] = agg[key]
+        alerts = diag.check(step, classes) if diag is not None else []
         if self.composer_keys:
             metrics.update(composer_metrics(readout))
         forces: dict[str, Any] = dict(classes=classes, layers=layers)
@@ -394,7 +437,7 @@ class ForceMonitor:
                 tensors[name] = dict(agg, **last, numel=int(self._numel[i]), cls=role.cls, layer=role.layer,
                                      component=role.component, optimizer=self._owner.get(name))  # fmt: skip
             forces["tensors"] = tensors
-        return Reading(step, metrics, forces)
+        return Reading(step, metrics, forces, alerts)
 
     def _since_last_tensor_entry(self, readout: ForceReadout) -> ForceReadout:
         """This read's per-tensor sums plus those accumulated since the last per-tensor entry (kept as the new
@@ -423,6 +466,9 @@ class ForceMonitor:
         metrics: dict[str, Any] = {k: float(v) for k, v in scalars.items()}
         metrics["time"] = now
         metrics.update(reading.metrics)
+        if reading.alerts:  # in the step's metrics record; wandb and TensorBoard sinks raise them as alerts / text
+            metrics["alerts"] = [a.record() for a in reading.alerts]
+            _to_console(reading.alerts)
         self.sinks.log("metrics", metrics, reading.step)
         self.sinks.log("forces", dict(reading.forces, time=now), reading.step)
         self.last_record = metrics

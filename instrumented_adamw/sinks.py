@@ -293,15 +293,22 @@ class WandbSink:
                 "WANDB_MODE=offline (logging.wandb_mode=offline) and `wandb sync` later."
             ) from exc
         self._defined = False
+        self._peaked: set[str] = set()  # keys seen (those given a max summary among them)
 
     def log(self, kind: str, record: dict[str, Any], step: int) -> None:
         wandb = self._wandb
         if kind == "metrics":
             if not self._defined:
-                self.run.define_metric("*", step_metric="trainer/step")
-                self._defined = True
-            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                self._define_metrics()
+            scalars = {wandb_key(k): v for k, v in record.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+            for key in scalars.keys() - self._peaked:
+                if key.startswith("forces/") and key.endswith(("/rms", "/update_weight_ratio")):
+                    self.run.define_metric(key, step_metric="trainer/step", summary="last,max")
+                self._peaked.add(key)
             self.run.log(dict(scalars, **{"trainer/step": step}))
+            for alert in record.get("alerts", ()):
+                self._alert(alert)
         elif kind == "forces" and step % self.table_every == 0:
             keys = ["cls", "layer", "align", "inject", "decay", "align_share", "rms"]
             payload: dict[str, Any] = {"trainer/step": step}
@@ -318,12 +325,67 @@ class WandbSink:
             table = wandb.Table(columns=["step", "tensor", *keys], data=rows)
             self.run.log(dict(record.get("summary", {}), **{"weibull/per_block": table, "trainer/step": step}))
 
+    def _define_metrics(self) -> None:
+        """Every key on the ``trainer/step`` axis; run summaries that read at a glance: the last value of each
+        force metric, and (defined per key as they first appear: wandb takes globs only as suffixes) the largest
+        RMS and update/weight ratio of each class."""
+        self.run.define_metric("trainer/step")
+        self.run.define_metric("*", step_metric="trainer/step")
+        self.run.define_metric("forces/*", step_metric="trainer/step", summary="last")
+        self._defined = True
+
+    def _alert(self, alert: dict[str, Any]) -> None:
+        """A wandb alert (e-mail / Slack where the user set them up; recorded in the run offline)."""
+        level = getattr(getattr(self._wandb, "AlertLevel", None), "WARN", None)
+        title = f"{alert['class']}: {alert['kind']}"
+        self.run.alert(title=title, text=alert["message"], level=level, wait_duration=0)
+
     def close(self) -> None:
         self.run.finish()
 
 
+#: Keys wandb shows as they are: Weibull summaries, Composer's scheme (llm-foundry panels), the step axis.
+_WANDB_KEPT = ("weibull/", "l2_norm/", "l2_norm_ratio/", "cosine/", "trainer/", "forces/")
+
+
+def wandb_key(key: str) -> str:
+    """The monitor's ``<class>/<metric>`` under ``forces/<class>/<metric>``, so wandb files them in one section of
+    one panel group per class; plain scalars (loss, lr) and the kept prefixes unchanged."""
+    if "/" not in key or key.startswith(_WANDB_KEPT):
+        return key
+    return f"forces/{key}"
+
+
+#: The dashboard TensorBoardSink lays out (TensorBoard's "Custom Scalars" tab): category -> chart -> tag regexes,
+#: one line per class in each chart.
+TENSORBOARD_LAYOUT = {
+    "Force budget (share of |align| + inject + |decay|)": {
+        "align share": [r"^[^/]+/align_share$"],
+        "inject share": [r"^[^/]+/inject_share$"],
+        "decay share": [r"^[^/]+/decay_share$"],
+        "net change of ‖W‖² per interval": [r"^[^/]+/net$"],
+    },
+    "Norms and steps": {
+        "RMS of the weights": [r"^[^/]+/rms$"],
+        "RMS over its equilibrium": [r"^[^/]+/rms_over_eq$"],
+        "update / weight ratio (last step)": [r"^[^/]+/update_weight_ratio$"],
+        "cos(W, û) (last step)": [r"^[^/]+/cos_w_u$"],
+    },
+    "Timescale": {
+        "T/τ so far": [r"^[^/]+/t_over_tau$"],
+        "T/τ projected to the end of the schedule": [r"^[^/]+/t_over_tau_end$"],
+        "τ_iter = 1/(ηλ), steps": [r"^[^/]+/tau_iter$"],
+    },
+    "Weibull fits (per-class medians)": {
+        "λ (scale)": [r"^weibull/.*/lam_median$"],
+        "k (shape)": [r"^weibull/.*/k_median$"],
+    },
+}
+
+
 class TensorBoardSink:
-    """Scalars of the metrics records as TensorBoard events (``tensorboard --logdir DIR``)."""
+    """Scalars of the metrics records as TensorBoard events (``tensorboard --logdir DIR``), with a custom-scalars
+    dashboard (:data:`TENSORBOARD_LAYOUT`) and alerts as text (the "Text" tab)."""
 
     def __init__(self, directory: str | os.PathLike, purge_step: int | None = None) -> None:
         try:
@@ -334,6 +396,9 @@ class TensorBoardSink:
             ) from exc
         # purge_step drops events after a resume point, so a resumed run shows no duplicated steps.
         self.writer = SummaryWriter(log_dir=str(directory), purge_step=purge_step)
+        layout = {category: {title: ["Multiline", tags] for title, tags in charts.items()}
+                  for category, charts in TENSORBOARD_LAYOUT.items()}  # fmt: skip
+        self.writer.add_custom_scalars(layout)
 
     def log(self, kind: str, record: dict[str, Any], step: int) -> None:
         if kind == "weibull":
@@ -343,6 +408,8 @@ class TensorBoardSink:
         for key, value in record.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self.writer.add_scalar(key, value, global_step=step)
+        for alert in record.get("alerts", ()):
+            self.writer.add_text(f"alerts/{alert['class']}", f"**{alert['kind']}** — {alert['message']}", step)
         self.writer.flush()
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("instrumented_adamw.kernels",)),
     ("optim", ("instrumented_adamw.optim", "instrumented_adamw")),  # the package's facade re-exports optim
     ("weibull", ("instrumented_adamw.weibull",)),
-    ("monitor", ("instrumented_adamw.sinks", "instrumented_adamw.monitor")),
+    ("monitor", ("instrumented_adamw.sinks", "instrumented_adamw.alerts", "instrumented_adamw.monitor")),
     (
         "integrations",
         (

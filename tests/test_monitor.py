@@ -16,7 +16,7 @@ from wandb_reader import history, run_file
 from instrumented_adamw import InstrumentedAdamW
 from instrumented_adamw.analysis.report import PAPER_BUDGET, load_run, make_report, share_table
 from instrumented_adamw.monitor import ForceMonitor
-from instrumented_adamw.sinks import FanOut, JsonlSink, TensorBoardSink, WandbSink, read_jsonl
+from instrumented_adamw.sinks import FanOut, JsonlSink, TensorBoardSink, WandbSink, read_jsonl, wandb_key
 from train.config import load_config
 from train.loop import train
 
@@ -73,7 +73,8 @@ def test_wandb_offline_run_file_contains_the_same_values(run):
     for m in metrics:
         row = logged[m["step"]]
         for key in ("loss", "lr", "Transmission/align_share", "QKV/rms"):
-            assert row[key] == m[key]
+            assert row[wandb_key(key)] == m[key]
+        assert row["forces/QKV/rms"] == m["QKV/rms"]  # class metrics in the forces/<class>/ section
     fits = [r for r in rows if "weibull/Transmission/k_median" in r]
     assert [r["trainer/step"] for r in fits] == [0, 30, 60]
     assert all(r["weibull/per_block/_type"] == "table-file" for r in fits)

@@ -72,6 +72,9 @@ def test_partitions_step_bitwise_and_forces_per_parameter(flags):
         plain.step()
         deepspeed_step(ours, zero_p)
         deepspeed_step(ref, ref_p)
+        if step == 1:  # a checkpoint load replaces the moments: the slices must follow the new tensors
+            ours.load_state_dict(ours.state_dict())
+            ref.load_state_dict(ref.state_dict())
         for a, b in zip(flats, ref_flats, strict=True):
             assert torch.equal(a, b), "the update of the flat partitions is torch's AdamW's, bitwise"
         expect, got = plain.read_forces(), ours.read_forces()

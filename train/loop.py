@@ -316,8 +316,11 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, rank: int, world: i
         dist.barrier()  # rank 0 has brought the directory to the starting point
     # Every rank has a monitor (under FSDP reading forces and fitting are collectives); only rank 0's has sinks.
     logging = cfg.logging
+    schedule = cfg.schedule  # the diagnostics project T/τ along it (only its shape matters: peak 1; 0-based steps)
+    shape = lambda step: lr_at(step - 1, 1.0, schedule)  # noqa: E731
     monitor = ForceMonitor(opt, model, sinks, log_every=logging.log_every, weibull_every=logging.weibull_every,
-                           per_tensor=logging.per_tensor, per_tensor_every=logging.per_tensor_every)  # fmt: skip
+                           per_tensor=logging.per_tensor, per_tensor_every=logging.per_tensor_every,
+                           total_steps=schedule.total_steps, lr_at=shape)  # fmt: skip
     monitor.load_state_dict(extra.get("monitor", {}))
     watch = NonFiniteWatch(cfg.run.max_nonfinite_steps)
     watch.load_state_dict(extra.get("nonfinite", {}))

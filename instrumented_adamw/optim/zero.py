@@ -36,21 +36,20 @@ class Partition:
     numels: list[int]
     keys: list[Tensor | None]  # the parameter each segment belongs to; None for padding (updated, not measured)
     views: list[Tensor]  # persistent views of ``flat``: the weights each row's closure norm is taken on
-    state_views: dict[tuple[int, int], list[Tensor]] = field(default_factory=dict)
+    # The moments' cuts, per slot (exp_avg, exp_avg_sq, max_exp_avg_sq), with the tensor they were cut from: the
+    # moments persist, so their views are made once (and replaced, not kept beside, when a load replaces them).
+    state_views: dict[int, tuple[Tensor, list[Tensor]]] = field(default_factory=dict)
 
-    def split(self, t: Tensor | None) -> list[Tensor]:
-        """``t`` (a tensor shaped like ``flat``: its grad or a moment) cut as the segments; the moments' cuts are
-        kept, as the moments persist (the grad is a new tensor every step)."""
-        key = (id(t), t.data_ptr())
-        cached = self.state_views.get(key)
-        if cached is not None:
-            return cached
-        return [t.narrow(0, s, n) for s, n in zip(self.starts, self.numels, strict=True)]
-
-    def keep(self, t: Tensor) -> None:
-        if len(self.state_views) > 8:  # moments replaced (a checkpoint load): drop the stale cuts
-            self.state_views.clear()
-        self.state_views[(id(t), t.data_ptr())] = self.split(t)
+    def split(self, t: Tensor, slot: int = 0) -> list[Tensor]:
+        """``t`` (shaped like ``flat``: its grad, a new tensor every step, or a moment) cut as the segments."""
+        if slot:
+            kept = self.state_views.get(slot)
+            if kept is not None and kept[0] is t:
+                return kept[1]
+        views = [t.narrow(0, s, n) for s, n in zip(self.starts, self.numels, strict=True)]
+        if slot:
+            self.state_views[slot] = (t, views)
+        return views
 
 
 class ZeroMap:
@@ -120,10 +119,7 @@ class ZeroMap:
             out[0].extend(part.views)
             for j in range(1, len(lists)):
                 if lists[j]:
-                    t = lists[j][i]
-                    if j > 1 and (id(t), t.data_ptr()) not in part.state_views:
-                        part.keep(t)
-                    out[j].extend(part.split(t))
+                    out[j].extend(part.split(lists[j][i], slot=j - 1))  # slot 0: the grad, not kept
             keys.extend(part.keys)
             # One count per segment (torch's paths add 1 to each tensor's); all start equal and end equal.
             copies = [state_steps[i].clone() for _ in part.views]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,10 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def write_durably(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically and durably: a temporary file, fsync'd, renamed, directory fsync'd."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Replace ``path`` by ``data`` atomically and durably: a temporary file, fsync'd, renamed, directory fsync'd.
+    The temporary file is this process's and thread's own, so writers racing on one path (a sweep's runs filling
+    the same token cache) each rename a whole file, and the last one wins."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with tmp.open("wb") as fh:
         fh.write(data)
         fh.flush()
