@@ -70,10 +70,18 @@ def _deepspeed_route(args, optimizer) -> str:
         inner = inner.optimizer
     config = getattr(args, "hf_deepspeed_config", None)
     config = getattr(config, "config", None) or {}
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
     if "optimizer" in config:
         why = (
             'the DeepSpeed config has an "optimizer" section, so DeepSpeed built its own optimizer: remove that '
             "section and pass"
+        )
+    elif offload.get("device", "none") != "none" and config.get("zero_force_ds_cpu_optimizer", True):
+        why = (
+            "with ZeRO-Offload accelerate replaces the Trainer's optimizer by DeepSpeed's CPU Adam "
+            '("zero_force_ds_cpu_optimizer", true by default): set "zero_force_ds_cpu_optimizer": false in the '
+            "DeepSpeed config to keep InstrumentedAdamW (it then steps the offloaded partitions on the CPU), or "
+            "train without offload, and pass"
         )
     else:
         why = "under DeepSpeed the Trainer discards optimizers=(...) and builds its optimizer itself: pass"

@@ -138,3 +138,27 @@ def test_name_parameters_after_the_swap():
     deepspeed_step(opt, params)
     out = opt.read_forces()
     assert sorted(out.names) == sorted(params) and set(out.steps) == {2}
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ({"zero_optimization": {"stage": 2}}, "the Trainer discards optimizers=(...)"),
+        ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}, 'has an "optimizer" section'),
+        (
+            {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+            '"zero_force_ds_cpu_optimizer": false',
+        ),  # fmt: skip
+    ],
+)
+def test_hf_callback_under_deepspeed_says_why_and_what_works(config, says):
+    """The three ways the HF Trainer ends up with DeepSpeed's optimizer instead of ours, each named (the real
+    Trainer + DeepSpeed run of the first: tests/test_deepspeed.py)."""
+    from instrumented_adamw.hf import _deepspeed_route
+
+    args = SimpleNamespace(deepspeed=config, hf_deepspeed_config=SimpleNamespace(config=config))
+    wrapped = SimpleNamespace(
+        optimizer=SimpleNamespace(optimizer=torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))]))
+    )
+    message = _deepspeed_route(args, wrapped)
+    assert says in message and "optimizer_cls_and_kwargs=(InstrumentedAdamW" in message and "got AdamW" in message
