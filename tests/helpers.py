@@ -64,17 +64,6 @@ def twin_optimizers(flags: dict, dtype=torch.float32, weight_decay=0.01, device=
     return pa, ref, pb, ours
 
 
-def fused_drift_atol(lr: float, steps: int, beta1: float = 0.9, beta2: float = 0.999) -> float:
-    """How far our fused kernel's parameters may drift from torch's fused AdamW on CUDA after ``steps`` fp32 steps.
-
-    torch's fused kernel computes 1 − β^t in fp32, where it cancels: 2^-24 of error on 1 − β2 = 1e-3 at step 1 is
-    1.7e-5 of v̂ (half that of √v̂); ours computes it in float64. Each step's û then differs by up to
-    2^-25/(1 − β2^t) + 2^-24/(1 − β1^t) relatively, |û| ≤ (1 − β1)/√(1 − β2) ≈ 3.2 (β1² < β2), and the drifts add.
-    """
-    per_step = (2.0**-25 / (1 - beta2**t) + 2.0**-24 / (1 - beta1**t) for t in range(1, steps + 1))
-    return lr * (1 - beta1) / (1 - beta2) ** 0.5 * sum(per_step) + 1e-7
-
-
 def reference_reductions(w_pre: torch.Tensor, state: dict, beta1: float, beta2: float, eps: float, amsgrad: bool):
     """float64 (⟨W,û⟩, ‖û‖², ‖W‖²) from the pre-update weights and the stored post-step moments."""
     w = w_pre.double()

@@ -15,8 +15,9 @@ Checked for each variant and target:
 * it compiles: a kernel change that breaks GPU compilation fails CI here;
 * the options that are no variant (maximize, found_inf, alignment, lr's kind) map onto one compiled kernel;
 * the fast path moves p, g, m, v (and max v) in 16-byte accesses only: (4 + amsgrad) streams loaded and
-  (3 + amsgrad) stored, ``BLOCK · itemsize / threads / 16`` vectors per thread each (``ld.global.v4.b32`` in PTX,
-  ``LDG.E.128`` / ``STG.E.128`` in SASS), and no more: a hint that leaked into the fallback would double them;
+  (3 + amsgrad, + 1 with GradScaler: the unscaled gradient) stored, ``BLOCK · itemsize / threads / 16`` vectors
+  per thread each (``ld.global.v4.b32`` in PTX, ``LDG.E.128`` / ``STG.E.128`` in SASS), and no more: a hint that
+  leaked into the fallback would double them;
 * the fallback (a misaligned tensor, or the ragged tail of a size that is not a multiple of 16 bytes) exists and
   moves one element per access;
 * nothing lives in local memory: no ``.local`` in PTX, no ``LDL``/``STL`` in SASS, ``LOCAL:0 STACK:0`` in the
@@ -234,7 +235,8 @@ def test_update_kernel_moves_16_byte_vectors_and_never_spills(compiled, target, 
     elements = info["BLOCK"] // (32 * info["num_warps"])  # per thread and stream
     vectors = elements * itemsize // VECTOR_BYTES
     assert vectors >= 1, "a block too small to give every thread one 16-byte vector"
-    loaded, stored = 4 + amsgrad, 3 + amsgrad  # p, g, m, v (, max v) in; p, m, v (, max v) out
+    # p, g, m, v (, max v) in; p, m, v (, max v) and with GradScaler the unscaled g (as torch's kernel) out
+    loaded, stored = 4 + amsgrad, 3 + amsgrad + scaled
 
     access = global_accesses(ptx)
     assert access["ld", VECTOR_BYTES] == loaded * vectors, access

@@ -26,15 +26,19 @@ few floats per block.
   tensor's row of the force table (``ForceStats.record``'s arithmetic, without FMA contraction: the same bits).
   The host then launches two kernels per bucket and nothing else for tracking, where the table update was some
   forty small launches, most of a small model's host time per step.
-* **No host sync**: lr may be a device tensor (capturable / CUDA graphs); bias corrections are computed in the
-  kernel from each tensor's step; ``found_inf`` (GradScaler) makes every program skip its block before writing.
+* **Torch's arithmetic**: the update is torch's fused CUDA AdamW's, operation for operation, as read from its sm_90
+  SASS (torch 2.13; docs/torch_fused_adamw.md): hyperparameters in fp32, 1 − β^t from ``torch.pow`` (the ``pow_``
+  torch's kernel calls), the multiply-adds it contracts as explicit ``tl.fma`` and fp fusion off otherwise,
+  correctly rounded division and square root; with GradScaler the unscaled gradient is written back, as torch's
+  kernel does. :func:`mismatch_with_torch` probes it against ``torch.optim.AdamW(fused=True)`` on the device.
+* **No host sync**: lr may be a device tensor (capturable / CUDA graphs); the bias corrections are two small device
+  ops per bucket; ``found_inf`` (GradScaler) makes every program skip its block before writing.
 
 On CPU the same kernels run under ``TRITON_INTERPRET=1`` (tests); the optimizer uses this path only on CUDA.
 """
 
 from __future__ import annotations
 
-import math
 import struct
 from dataclasses import dataclass
 
@@ -56,8 +60,8 @@ VECTOR_BYTES = tl.constexpr(16)
 # element by element, where alignment buys nothing. The variants are DTYPE × AMSGRAD × HAS_SCALE, all of which
 # tests/test_kernel_ptx.py compiles for sm_80 and sm_90.
 _POINTER_ARGS = (
-    "block_tensor", "block_start", "p_ptrs", "g_ptrs", "m_ptrs", "v_ptrs", "vmax_ptrs", "numels", "steps",
-    "log_betas", "lr_ptr", "grad_scale_ptr", "found_inf_ptr", "partials",
+    "block_tensor", "block_start", "p_ptrs", "g_ptrs", "m_ptrs", "v_ptrs", "vmax_ptrs", "numels", "coeffs",
+    "lr_ptr", "grad_scale_ptr", "found_inf_ptr", "partials",
 )  # fmt: skip
 
 
@@ -65,33 +69,41 @@ _POINTER_ARGS = (
 def _step_block(
     p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr,  # this block's first element in each stream
     rem,  # int32: elements valid from there (BLOCK for a full block)
-    grad_scale_ptr, grad_sign, lr, bc1, bc2_sqrt, weight_decay, beta1, beta2, eps,
+    grad_scale_ptr, grad_sign, lr_wd, bc1, bc2_sqrt, step_size, weight_decay, beta1, beta2, eps,
     DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     """The update of one block and its three fp32 partial sums. The caller inlines it twice, with and without the
-    hints that allow 16-byte accesses; the arithmetic is the same in both."""
+    hints that allow 16-byte accesses; the arithmetic is the same in both.
+
+    The update is torch's fused CUDA AdamW's operation for operation, as its sm_90 SASS does it (torch 2.13,
+    docs/torch_fused_adamw.md): fp32 throughout, the multiply-adds it contracts as explicit FMAs and no other
+    contraction (the kernel compiles with fp fusion off), correctly rounded division and square root."""
     idx = tl.arange(0, BLOCK)
     mask = idx < rem
     w = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        g = g / tl.load(grad_scale_ptr)
+    if HAS_SCALE:  # GradScaler: unscaled in the kernel, and written back unscaled as torch's kernel does
+        g = tl.div_rn(g, tl.load(grad_scale_ptr))
+        tl.store(g_ptr + idx, g.to(DTYPE), mask=mask)
     g = g * grad_sign  # ±1: exact, so maximize costs no variant
-    m = m + (1.0 - beta1) * (g - m)  # lerp, as torch
-    v = v * beta2 + (1.0 - beta2) * g * g
+    g2 = g * g
+    m = tl.fma(m, beta1, tl.fma(g, -beta1, g))  # β1·m + (g − β1·g)
+    v = tl.fma(v, beta2, tl.fma(g2, -beta2, g2))
     if AMSGRAD:
         vhat = tl.maximum(tl.load(vmax_ptr + idx, mask=mask, other=0.0).to(tl.float32), v)
         tl.store(vmax_ptr + idx, vhat.to(DTYPE), mask=mask)
     else:
         vhat = v
-    u = (m / bc1) / (tl.sqrt(vhat) / bc2_sqrt + eps)  # û = m̂ / (√v̂ + ε)
-    u = tl.where(mask, u, 0.0)
-    w_new = w * (1.0 - lr * weight_decay) - lr * u
+    denom = tl.div_rn(tl.sqrt_rn(vhat), bc2_sqrt) + eps
+    step = tl.div_rn(m * step_size, denom)  # η·m̂/(√v̂ + ε), rounded as torch rounds it
+    decayed = tl.where(weight_decay != 0.0, tl.fma(w, -lr_wd, w), w)  # (1 − ηλ)·W in one rounding
+    w_new = decayed - step
+    u = tl.where(mask, (m / bc1) / denom, 0.0)  # û = m̂ / (√v̂ + ε), for the reductions (η may be 0)
     tl.store(p_ptr + idx, w_new.to(DTYPE), mask=mask)
     tl.store(m_ptr + idx, m.to(DTYPE), mask=mask)
     tl.store(v_ptr + idx, v.to(DTYPE), mask=mask)
@@ -104,8 +116,7 @@ def _adamw_block(
     block_start,  # int64 [programs]: its first element, a multiple of BLOCK
     p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs,  # int64 [T]: data pointers
     numels,  # int64 [T]
-    steps,  # fp32 [T]: the step count after this step's increment
-    log_betas,  # fp64 [2]: ln β1, ln β2 (kernel float arguments are fp32: 1 − β2^t would lose 1e-5 at t = 1)
+    coeffs,  # fp32 [T, 2]: 1 − β1^t, 1 − β2^t of each tensor's step t (torch's own pow)
     lr_ptr,  # fp32 [1]
     grad_scale_ptr,  # fp32 [1] (a dummy without HAS_SCALE)
     found_inf_ptr,  # fp32 [1]: nonzero skips the step (a zero without GradScaler)
@@ -133,11 +144,11 @@ def _adamw_block(
         addr_bits = addr_bits | vmax_addr
     else:
         vmax_addr = p_addr  # never dereferenced
-    lr = tl.load(lr_ptr).to(tl.float32)
-    step = tl.load(steps + t).to(tl.float64)
-    # Bias corrections in float64, as torch computes them on the host: 1 − β^t cancels badly in fp32.
-    bc1 = (1.0 - tl.exp(step * tl.load(log_betas))).to(tl.float32)
-    bc2_sqrt = tl.sqrt(1.0 - tl.exp(step * tl.load(log_betas + 1))).to(tl.float32)
+    lr = tl.load(lr_ptr)
+    lr_wd = lr * weight_decay  # fp32, as torch's kernel forms η·λ
+    bc1 = tl.load(coeffs + t * 2)
+    bc2_sqrt = tl.sqrt_rn(tl.load(coeffs + t * 2 + 1))
+    step_size = tl.div_rn(lr, bc1)
 
     # Elements in this block: BLOCK, fewer in a tensor's last block, none after found_inf (clamped at 0 so that the
     # int32 conversion cannot wrap for blocks past 2^31 elements).
@@ -156,14 +167,14 @@ def _adamw_block(
             tl.multiple_of(m_addr.to(ty), VECTOR_BYTES) + start,
             tl.multiple_of(v_addr.to(ty), VECTOR_BYTES) + start,
             tl.multiple_of(vmax_addr.to(ty), VECTOR_BYTES) + start,
-            tl.multiple_of(rem.to(tl.int32), VEC), grad_scale_ptr, grad_sign, lr, bc1, bc2_sqrt, weight_decay,
-            beta1, beta2, eps, DTYPE, AMSGRAD, HAS_SCALE, BLOCK,
+            tl.multiple_of(rem.to(tl.int32), VEC), grad_scale_ptr, grad_sign, lr_wd, bc1, bc2_sqrt, step_size,
+            weight_decay, beta1, beta2, eps, DTYPE, AMSGRAD, HAS_SCALE, BLOCK,
         )  # fmt: skip
     else:  # misaligned, or the ragged tail of a tensor whose size is not a multiple of VEC: element by element
         s_wu, s_uu, s_ww = _step_block(
             p_addr.to(ty) + start, g_addr.to(ty) + start, m_addr.to(ty) + start, v_addr.to(ty) + start,
-            vmax_addr.to(ty) + start, rem.to(tl.int32), grad_scale_ptr, grad_sign, lr, bc1, bc2_sqrt, weight_decay,
-            beta1, beta2, eps, DTYPE, AMSGRAD, HAS_SCALE, BLOCK,
+            vmax_addr.to(ty) + start, rem.to(tl.int32), grad_scale_ptr, grad_sign, lr_wd, bc1, bc2_sqrt, step_size,
+            weight_decay, beta1, beta2, eps, DTYPE, AMSGRAD, HAS_SCALE, BLOCK,
         )  # fmt: skip
     tl.store(partials + pid * 3 + 0, s_wu)
     tl.store(partials + pid * 3 + 1, s_uu)
@@ -255,9 +266,9 @@ def _sum_partials(
             tl.store(base + UNMEASURED_SINCE_LAST, tl.where(recorded, 0.0, since))
 
 
-#: Compiler options of the update. Contraction into FMA is what it was validated with on GPU (Triton's default up
-#: to 3.9, which changes it in 3.10): pinned, so that a Triton upgrade cannot move the numerics.
-_COMPILE_OPTIONS = {"enable_fp_fusion": True}
+#: Compiler options of the update: no contraction into FMA beyond the explicit ``tl.fma`` where torch's kernel has
+#: one (Triton 3.9 warns that its default changes in 3.10: set explicitly, so an upgrade cannot move the numerics).
+_COMPILE_OPTIONS = {"enable_fp_fusion": False}
 #: The partial sums and the table update: no contraction, so the forces round as torch's separate ops do.
 _SUM_OPTIONS = {"enable_fp_fusion": False}
 
@@ -328,7 +339,7 @@ class LaunchPlan:
         self.n_blocks = torch.tensor(counts, dtype=torch.int64, device=device)
         self.programs = len(owner)
         self.betas: tuple[float, float] | None = None
-        self.log_betas: Tensor | None = None
+        self.beta_t: Tensor | None = None  # fp32 [2, 1]: β1, β2 as torch's kernel rounds them
         self.zero = torch.zeros(1, device=device)  # found_inf without GradScaler, grad_scale's unread stand-in
 
     def set_grads(self, grads: list[Tensor]) -> Tensor:
@@ -343,6 +354,15 @@ class LaunchPlan:
                 self._grad_copied.record()
             self._grad_key = key
         return self.grad_ptrs
+
+
+def bias_corrections(betas: Tensor, steps: Tensor) -> Tensor:
+    """``[T, 2]`` fp32: 1 − β1^t and 1 − β2^t for each tensor's step count t, as torch's fused CUDA kernel forms
+    them: β in fp32, ``pow`` of two fp32 numbers (on CUDA ``torch.pow`` runs the same ``pow_`` that kernel calls),
+    an fp32 subtraction. Two tiny launches on the device, no host sync; the kernel takes the square root and the
+    step size η/(1 − β1^t) itself, correctly rounded (torch's CPU ``sqrt`` is not, and the interpreter runs on
+    the CPU)."""
+    return (1 - torch.pow(betas, steps[None, :])).t().contiguous()
 
 
 def fused_adamw_reduce(
@@ -395,12 +415,13 @@ def fused_adamw_reduce(
             raise TypeError(f"{name} must be a one-element float32 tensor (as GradScaler passes it), got {t.dtype} "
                             f"of shape {tuple(t.shape)}")  # fmt: skip
     if plan.betas != (beta1, beta2):
-        plan.log_betas = torch.tensor([math.log(beta1), math.log(beta2)], dtype=torch.float64, device=device)
+        plan.beta_t = torch.tensor([[beta1], [beta2]], dtype=torch.float32, device=device)
         plan.betas = (beta1, beta2)
+    coeffs = bias_corrections(plan.beta_t, steps)
     partials = torch.empty(plan.programs, 3, dtype=torch.float32, device=device)
     _adamw_block[(plan.programs,)](
-        plan.block_tensor, plan.block_start, p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, plan.numels, steps,
-        plan.log_betas, lr_t, plan.zero if grad_scale is None else grad_scale,
+        plan.block_tensor, plan.block_start, p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, plan.numels, coeffs,
+        lr_t, plan.zero if grad_scale is None else grad_scale,
         plan.zero if found_inf is None else found_inf, partials, -1.0 if maximize else 1.0,
         float(weight_decay), float(beta1), float(beta2), float(eps),
         DTYPE=_DTYPES[dtype], AMSGRAD=amsgrad, HAS_SCALE=grad_scale is not None, BLOCK=BLOCK,
@@ -416,3 +437,51 @@ def fused_adamw_reduce(
         *lr_bits, *wd_bits, CHUNK=64, RECORD=record is not None, **TABLE_LAYOUT, **_SUM_OPTIONS,
     )  # fmt: skip
     return out, plan
+
+
+# ---------------------------------------------------------------------------------------------- probe
+_PROBED: dict[tuple[str, torch.dtype], str | None] = {}
+
+
+def mismatch_with_torch(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the kernel's update is not ``torch.optim.AdamW(fused=True)``'s bitwise on this device and dtype, or None
+    when it is: probed once per (device, dtype) on data that exercises every branch of the arithmetic (decay on
+    and off, AMSGrad, maximize, late steps, tiny and large gradients). The kernel reproduces the arithmetic read
+    from one torch build's SASS (docs/torch_fused_adamw.md); another build may round elsewhere, and then the
+    optimizer steps with torch's own fused kernel instead (still measured, in a second pass)."""
+    key = (str(device), dtype)
+    if key not in _PROBED:
+        _PROBED[key] = _probe(device, dtype)
+    return _PROBED[key]
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> str | None:
+    gen = torch.Generator().manual_seed(0)
+    sizes = (1, 5, 1031, 4096)
+    for amsgrad, maximize, weight_decay, first_step in ((False, False, 0.1, 0), (True, True, 0.0, 997)):
+        base = [(0.02 * torch.randn(n, generator=gen)).to(device, dtype) for n in sizes]
+        ours = [p.clone() for p in base]
+        theirs = [torch.nn.Parameter(p.clone()) for p in base]
+        opt = torch.optim.AdamW(theirs, lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
+                                amsgrad=amsgrad, maximize=maximize, fused=True)  # fmt: skip
+        m, v, vmax = ([torch.zeros_like(p) for p in ours] for _ in range(3))
+        for step in range(first_step + 1, first_step + 6):
+            scale = 10.0 ** (step % 5 - 2)  # gradients from 1e-4 to 1e2 of the weights
+            grads = [(scale * torch.randn(p.shape, generator=gen)).to(device, dtype) for p in ours]
+            for p, g in zip(theirs, grads, strict=True):
+                p.grad = g.clone()
+                if step == first_step + 1 and first_step:  # a late step: bias corrections near 1
+                    opt.state[p]["step"] = torch.tensor(float(first_step), device=device)
+                    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                        opt.state[p][name] = torch.zeros_like(p)
+            opt.step()
+            fused_adamw_reduce(ours, grads, m, v, vmax, torch.full((len(ours),), float(step), device=device),
+                               lr=3e-3, weight_decay=weight_decay, beta1=0.9, beta2=0.999, eps=1e-8,
+                               amsgrad=amsgrad, maximize=maximize)  # fmt: skip
+            for a, b in zip(ours, theirs, strict=True):
+                if not torch.equal(a, b.detach()):
+                    worst = (a.float() - b.detach().float()).abs().max().item()
+                    return (f"parameters differ from torch.optim.AdamW(fused=True)'s at step {step} "
+                            f"(amsgrad={amsgrad}, maximize={maximize}, weight_decay={weight_decay}; largest "
+                            f"difference {worst:.3g}): this torch build's fused kernel rounds elsewhere")  # fmt: skip
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -21,6 +22,9 @@ from instrumented_adamw.optim.sharding import any_dtensor, local_tensor
 from instrumented_adamw.optim.tracking import WEIGHT_DECAY_SCHEDULES, ForceTracking, unwrap_optimizer
 
 __all__ = ["WEIGHT_DECAY_SCHEDULES", "InstrumentedAdamW", "unwrap_optimizer"]
+
+#: (device type, dtype) pairs already warned about: the kernel's probe found torch's fused kernel rounding elsewhere.
+_WARNED_MISMATCH: set[tuple[str, torch.dtype]] = set()
 
 #: Dtypes for which torch's single-tensor and foreach AdamW agree bitwise on CPU (tests/test_torch_optim_db.py).
 _SAME_MATH_DTYPES = (torch.float32, torch.float64)
@@ -99,9 +103,10 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
     update and reductions in one read of p, g, m, v, bitwise equal to torch's fused CPU AdamW (float32/float64,
     contiguous, without GradScaler); ``instrumented_adamw.kernels.cpu_adamw.status()`` says whether it is active. On
     CUDA
-    it runs our single-pass Triton kernel (``triton_adamw``), with parameters within fp32 rounding of torch's fused
-    AdamW (not bitwise: fp32 math in another order). Elsewhere (no compiler, half precision, GradScaler,
-    capturable/differentiable), torch's own functional AdamW does the update and a second pass takes the
+    it runs our single-pass Triton kernel (``triton_adamw``), whose update is torch's fused CUDA AdamW's arithmetic
+    (docs/torch_fused_adamw.md), probed against it on the device at first use (where this torch build rounds
+    elsewhere, torch's own fused kernel steps and a second pass measures). Elsewhere (no compiler, half precision,
+    GradScaler, capturable/differentiable), torch's own functional AdamW does the update and a second pass takes the
     reductions (bitwise equal). Under ``torch.compile`` the same choices hold (the CPU kernel is an operator in
     the graph), so a compiled step is bitwise the compiled ``torch.optim.AdamW`` step with the same flags.
 
@@ -293,6 +298,32 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
         own (elementwise paths, the same values; CUDA's single-pass kernel)."""
         return bool(group["fused"]) and all(p.device.type == "cpu" and self._zero.knows(p) for p in params)
 
+    #: Devices where torch has the fused kernel ours reproduces, so that it is probed against it before serving.
+    _PROBED_DEVICES = ("cuda",)
+
+    def _triton_matches_torch(self, params: list[Tensor]) -> bool:
+        """Whether the kernel's update is ``torch.optim.AdamW(fused=True)``'s bitwise for these tensors' device and
+        dtypes (probed once each; :func:`~instrumented_adamw.kernels.triton_adamw.mismatch_with_torch`). Where it
+        is not, fused steps run torch's own kernel and a second pass takes the reductions: slower, never wrong."""
+        device = params[0].device
+        if device.type not in self._PROBED_DEVICES:
+            return True
+        from instrumented_adamw.kernels.triton_adamw import mismatch_with_torch
+
+        for dtype in {p.dtype for p in params}:
+            reason = mismatch_with_torch(device, dtype)
+            if reason is not None:
+                if (device.type, dtype) not in _WARNED_MISMATCH:
+                    _WARNED_MISMATCH.add((device.type, dtype))
+                    warnings.warn(
+                        f"InstrumentedAdamW(fused=True) on {device} {dtype}: its single-pass kernel is not used, as "
+                        f"{reason}. Steps run torch's fused kernel (bitwise torch.optim.AdamW(fused=True)) and the "
+                        "reductions take a second pass (slower).",
+                        stacklevel=5,
+                    )
+                return False
+        return True
+
     @staticmethod
     def _triton_device(device: torch.device) -> bool:
         """Whether the single-pass Triton kernel serves ``fused=True`` on this device (CUDA with Triton)."""
@@ -319,6 +350,7 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
             and not group["differentiable"]
             and self._triton_device(params[0].device)
             and all(p.is_contiguous() and not p.is_complex() for p in params)
+            and self._triton_matches_torch(params)
         ):
             return "triton"
         # Compiled with default flags on CPU: Inductor cannot fuse the reductions into the traced update (two passes),
