@@ -123,7 +123,12 @@ def main() -> None:
     # The sinks a dashboard user has (JSONL and TensorBoard; wandb's log call hands records to its own process) and
     # the live diagnostics projecting T/τ along a 20k-step schedule.
     logs = tempfile.mkdtemp()
-    sinks = [JsonlSink(logs)] + ([] if args.no_tensorboard else [TensorBoardSink(f"{logs}/tensorboard")])
+    sinks = [JsonlSink(logs)]
+    if not args.no_tensorboard:
+        try:
+            sinks.append(TensorBoardSink(f"{logs}/tensorboard"))
+        except RuntimeError as exc:  # the bare GPU machine may lack tensorboard: JSONL alone, said so
+            print(f"TensorBoard sink left out: {exc}")
     monitor = ForceMonitor(opt, model, sinks, log_every=args.log_every, weibull_every=0,
                            per_tensor_every=args.per_tensor_every, total_steps=20000,
                            lr_at=lambda s: min(1.0, s / 1000))  # fmt: skip
