@@ -119,12 +119,15 @@ class LiveDiagnostics:
                 seen["peak_rms"], seen["peak_rms_step"] = rms, step
         if math.isfinite(share) and share > seen.get("peak_align", -math.inf):
             seen["peak_align"], seen["peak_align_step"] = share, step
+        # Whether the lr is past its rise (warmup): by the schedule where given, else unchanged since the last read.
+        settled = self._settled(step, lr, seen)
         if math.isfinite(lr):
             seen["max_lr"] = max(seen.get("max_lr", 0.0), lr)
+            seen["last_lr"] = lr
 
         end = agg.get("t_over_tau_end", math.nan)
         wd, eq = agg.get("last_weight_decay", math.nan), agg["rms_over_eq"]
-        if math.isfinite(end) and wd > 0 and end < self.min_t_over_tau:
+        if math.isfinite(end) and wd > 0 and end < self.min_t_over_tau and (self.lr_at is not None or settled):
             need = self.min_t_over_tau / end if end > 0 else math.inf
             msg = (
                 f"{cls}: T/τ at the end of the schedule is projected at {end:.3g} (< {self.min_t_over_tau:g}): "
@@ -159,12 +162,24 @@ class LiveDiagnostics:
                 "they are near zero: check their initialisation)."
             )
             yield "update_ratio_high", msg
-        if ratio < low and lr >= 0.1 * seen.get("max_lr", 0.0):
+        if ratio < low and settled and lr >= 0.1 * seen.get("max_lr", 0.0):
             msg = (
                 f"{cls}: each step moves the weights by {band} at an lr near its largest so far: learning will be "
                 "slow; the lr is likely too low for these weights."
             )
             yield "update_ratio_low", msg
+
+    def _settled(self, step: int, lr: float, seen: dict[str, float]) -> bool:
+        """Past the lr's rise: at or after the schedule's peak (``lr_at``), or without a schedule the same lr as at
+        the previous read (a warmup's lr changes from read to read; its low ratios and low projections are not
+        the run's)."""
+        if self.lr_at is not None and self.total_steps is not None:
+            if "peak_step" not in seen:
+                lrs = [abs(float(self.lr_at(t))) for t in range(1, self.total_steps + 1)]
+                seen["peak_step"] = float(1 + max(range(len(lrs)), key=lrs.__getitem__))
+            return step >= seen["peak_step"]
+        previous = seen.get("last_lr", math.nan)
+        return math.isfinite(lr) and previous == lr
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -179,6 +194,11 @@ class LiveDiagnostics:
 def lr_at_from_scheduler(scheduler) -> Callable[[int], float] | None:
     """``lr_at`` of a ``LambdaLR`` (the HF Trainer's schedules, most hand-written ones): the first group's lr at a
     step, without stepping the scheduler; None for other schedulers (the projection then holds the current lr)."""
+    for _ in range(4):  # accelerate's and DeepSpeed's wrappers keep the scheduler in .scheduler / .lr_scheduler
+        inner = getattr(scheduler, "scheduler", None) or getattr(scheduler, "lr_scheduler", None)
+        if inner is None or inner is scheduler or getattr(scheduler, "lr_lambdas", None):
+            break
+        scheduler = inner
     lambdas, bases = getattr(scheduler, "lr_lambdas", None), getattr(scheduler, "base_lrs", None)
     if not lambdas or not bases or not callable(lambdas[0]):
         return None

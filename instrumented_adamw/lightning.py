@@ -70,7 +70,8 @@ class ForceMonitorCallback(_callbacks.Callback):
         log_every = self._log_every or max(1, int(trainer.log_every_n_steps))
         total = trainer.estimated_stepping_batches  # the diagnostics project T/τ to it (inf: an open-ended run)
         configs = getattr(trainer, "lr_scheduler_configs", None) or []
-        lr_at = lr_at_from_scheduler(configs[0].scheduler) if configs else None
+        step_wise = configs and getattr(configs[0], "interval", "step") == "step"  # an epoch schedule is not per step
+        lr_at = lr_at_from_scheduler(configs[0].scheduler) if step_wise else None
         self.monitor = ForceMonitor(opt, pl_module, sinks, log_every=log_every, weibull_every=self._weibull_every,
                                     per_tensor_every=self._per_tensor_every,
                                     total_steps=int(total) if math.isfinite(total) else None, lr_at=lr_at)  # fmt: skip

@@ -198,6 +198,15 @@ def aggregate_groups(readout: ForceReadout, groups: list[np.ndarray], numel: np.
     return out
 
 
+def _all_steps(agg: dict[str, float]) -> float:
+    """The interval's Σ η_t λ_t over every step it spans: with ``track_every`` > 1 the measured steps' sum scaled
+    by all steps over measured ones (η and λ of the unmeasured steps are not recorded)."""
+    measured, unmeasured = agg["steps"], agg["unmeasured_steps"]
+    if not unmeasured:
+        return agg["eta_lambda"]
+    return agg["eta_lambda"] * (measured + unmeasured) / measured if measured else 0.0
+
+
 def _to_console(alerts: list[Alert]) -> None:
     """Each alert once on stderr, from rank 0 only (every rank reads and would raise the same)."""
     import torch.distributed as dist
@@ -407,12 +416,12 @@ class ForceMonitor:
         metrics: dict[str, Any] = {}
         diag = self.diagnostics
         for layer, agg in layers.items():
-            self._t_over_tau_layers[layer] = self._t_over_tau_layers.get(layer, 0.0) + agg["eta_lambda"]
+            self._t_over_tau_layers[layer] = self._t_over_tau_layers.get(layer, 0.0) + _all_steps(agg)
             agg["t_over_tau"] = self._t_over_tau_layers[layer]
             if diag is not None:
                 agg.update(diag.project(agg, step))
         for c, agg in classes.items():
-            self._t_over_tau[c] = self._t_over_tau.get(c, 0.0) + agg["eta_lambda"]
+            self._t_over_tau[c] = self._t_over_tau.get(c, 0.0) + _all_steps(agg)
             agg["t_over_tau"] = self._t_over_tau[c]
             projected = diag.project(agg, step) if diag is not None else {}
             agg.update(projected)

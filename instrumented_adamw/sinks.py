@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+from instrumented_adamw.taxonomy import CLASSES
 from instrumented_adamw.utils import netcheck
 from instrumented_adamw.utils.durable_io import fsync_dir, truncate_durably, write_durably
 
@@ -338,22 +339,21 @@ class WandbSink:
         """A wandb alert (e-mail / Slack where the user set them up; recorded in the run offline)."""
         level = getattr(getattr(self._wandb, "AlertLevel", None), "WARN", None)
         title = f"{alert['class']}: {alert['kind']}"
-        self.run.alert(title=title, text=alert["message"], level=level, wait_duration=0)
+        try:
+            self.run.alert(title=title, text=alert["message"], level=level, wait_duration=0)
+        except Exception as exc:  # an alert wandb refuses (rate limit, ...) must not drop the metrics with it
+            print(f"[instrumented-adamw] wandb did not take the alert {title!r}: {exc}", file=sys.stderr)
 
     def close(self) -> None:
         self.run.finish()
 
 
-#: Keys wandb shows as they are: Weibull summaries, Composer's scheme (llm-foundry panels), the step axis.
-_WANDB_KEPT = ("weibull/", "l2_norm/", "l2_norm_ratio/", "cosine/", "trainer/", "forces/")
-
-
 def wandb_key(key: str) -> str:
-    """The monitor's ``<class>/<metric>`` under ``forces/<class>/<metric>``, so wandb files them in one section of
-    one panel group per class; plain scalars (loss, lr) and the kept prefixes unchanged."""
-    if "/" not in key or key.startswith(_WANDB_KEPT):
-        return key
-    return f"forces/{key}"
+    """The monitor's ``<class>/<metric>`` under ``forces/<class>/<metric>``, so that wandb files them in one
+    section; every other key (loss, lr, a caller's ``val/acc``) as it is."""
+    if key.split("/", 1)[0] in CLASSES and "/" in key:
+        return f"forces/{key}"
+    return key
 
 
 #: The dashboard TensorBoardSink lays out (TensorBoard's "Custom Scalars" tab): category -> chart -> tag regexes,

@@ -85,10 +85,26 @@ def test_decay_that_cannot_balance_is_flagged_with_the_factor():
     """λ·Σ η = 0.01·1e-3·1000 = 0.01: a hundred times short of one timescale."""
     readings, _ = drive(noise, 20, lr=1e-3, wd=0.01, total_steps=1000)
     alerts = [a for r in readings for a in r.alerts if a.kind == "decay_cannot_balance"]
-    assert len(alerts) == 1 and alerts[0].step == 5 and alerts[0].group == "Transmission"
+    # without lr_at the projection holds the current lr, so it waits for the lr to hold between two reads
+    assert len(alerts) == 1 and alerts[0].step == 10 and alerts[0].group == "Transmission"
     assert "projected at 0.01" in alerts[0].message and "about 100×" in alerts[0].message
     good, _ = drive(noise, 20, lr=1e-3, wd=1.0, total_steps=2000)  # T/τ_end = 2
     assert not any(a.kind == "decay_cannot_balance" for r in good for a in r.alerts)
+
+
+def test_a_warmup_without_lr_at_raises_nothing_until_the_lr_holds():
+    """A 100-step warmup from a tiny lr, the schedule unknown to the monitor: its low projections and low update
+    ratios are the warmup's, not the run's; once the lr holds, the projection counts."""
+
+    def warmup(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+
+    watched = {"decay_cannot_balance", "update_ratio_low"}
+    readings, _ = drive(noise, 100, lr=1e-3, wd=0.01, init=1.0, total_steps=1000, scheduler=warmup)
+    assert readings[0].metrics["Transmission/update_weight_ratio"] < 1e-4  # what the rule would have flagged
+    assert not watched & {k for _, k in kinds(readings)}
+    more, _ = drive(noise, 110, lr=1e-3, wd=0.01, init=1.0, total_steps=1000, scheduler=warmup)
+    assert [(s, k) for s, k in kinds(more) if k in watched] == [(105, "decay_cannot_balance")]  # lr held 100-105
 
 
 def test_overshoot_then_relax_is_recognised():

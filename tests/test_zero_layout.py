@@ -162,3 +162,24 @@ def test_hf_callback_under_deepspeed_says_why_and_what_works(config, says):
     )
     message = _deepspeed_route(args, wrapped)
     assert says in message and "optimizer_cls_and_kwargs=(InstrumentedAdamW" in message and "got AdamW" in message
+
+
+def test_a_partition_of_padding_only_joins_the_coverage_check():
+    """A rank whose partition of a small group holds only padding (DeepSpeed pads groups to a multiple of the
+    ranks) maps it as padding and takes part in the check the other ranks make, rather than refusing alone (which
+    would leave them waiting in the check's all-reduce). In one process the other ranks' slices are missing, so
+    the check itself refuses."""
+    import copy
+
+    params = make_params()
+    opt = InstrumentedAdamW(param_groups(params, 0.1))
+    flats = zero_layout(opt, params)
+    for name in GROUPS[1]["names"]:  # this rank holds none of group 1's elements
+        params[name]._hp_mapping = None
+    flats[1].zero_()
+    set_grads(params, 0)
+    flat_grads(params, flats)
+    with pytest.raises(RuntimeError, match=r"covers 0 of the \d+ elements"):
+        deepspeed_step(opt, {n: params[n] for n in GROUPS[0]["names"]})
+    with pytest.raises(RuntimeError, match="cannot be copied or pickled while DeepSpeed holds"):
+        copy.deepcopy(opt)

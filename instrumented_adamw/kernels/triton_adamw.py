@@ -471,7 +471,7 @@ def _probe(device: torch.device, dtype: torch.dtype) -> str | None:
             for p, g in zip(theirs, grads, strict=True):
                 p.grad = g.clone()
                 if step == first_step + 1 and first_step:  # a late step: bias corrections near 1
-                    opt.state[p]["step"] = torch.tensor(float(first_step), device=device)
+                    opt.state[p]["step"] = torch.tensor(float(first_step), dtype=torch.float32, device=device)
                     for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                         opt.state[p][name] = torch.zeros_like(p)
             opt.step()

@@ -171,6 +171,12 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
+        # The kernel's probe on CUDA runs now, eagerly: its first use may be inside torch.compile's tracing or a
+        # CUDA-graph capture, where it could not run.
+        for group in self.param_groups:
+            cuda = [p for p in group["params"] if p.device.type == "cuda"]
+            if group["fused"] and cuda and self._triton_device(cuda[0].device):
+                self._triton_matches_torch(cuda)
 
     _CARRIED = ForceTracking._CARRIED + ("_kernel_launches",)
     _ELEMENTWISE = True
@@ -206,6 +212,7 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
             if not params:
                 continue
+            g_index = self._zero.group_index(params, g_index)  # DeepSpeed steps one group at a time
             keys: list = params
             finish = cut = None
             if self._zero and self._whole_partitions(group, params):
@@ -441,6 +448,10 @@ class InstrumentedAdamW(ForceTracking, torch.optim.AdamW):
                 record=record,
             )  # fmt: skip
             self._kernel_launches += 1
+            if grad_scale is not None:  # the kernel wrote the unscaled gradients into the contiguous copies
+                for g, copy in zip(pick(grads), grads_b, strict=True):
+                    if copy is not g:
+                        g.copy_(copy)
             keep = [j for j, i in enumerate(idx) if tracked[i]]
             if keep and record is None:
                 measured.append(StackedReductions([idx[j] for j in keep], red if len(keep) == len(idx) else red[keep]))

@@ -263,7 +263,7 @@ class ForceTracking:
                 self._row_groups[device][row] = self._summed_over(self._names[id(key)], key)
                 table = self._stats[device].table
                 if table[row, START_KNOWN] > 0:  # a read before: the interval starts from this rank's slice
-                    table[row, START_W_SQ] = sq_norms_exact([view])[0].to(table)
+                    table[row, START_W_SQ] = _sq_norms_on([view], device)[0].to(table)
         for device, row_groups in self._row_groups.items():
             self._sum_groups[device] = _distinct(g for groups in row_groups for g in groups)
         return True
@@ -337,6 +337,12 @@ class ForceTracking:
     _CARRIED = ("_track", "_track_every", "_wd_schedule", "_lr_peak", "_created_lr", "_calls")
 
     def _portable_state(self, keep_filter: bool) -> dict[str, Any]:
+        if self._zero:
+            raise RuntimeError(
+                f"{type(self).__name__} cannot be copied or pickled while DeepSpeed holds its parameters as flat "
+                "partitions: save and restore through DeepSpeed (engine.save_checkpoint / load_checkpoint), which "
+                "carries the optimizer's state and step count"
+            )
         state = super().__getstate__()
         rows = []
         for group in self.param_groups:
@@ -508,7 +514,7 @@ class ForceTracking:
                 local_tensor(p) if v is None else v for p, v in zip(self._tracked_params[device], local, strict=True)
             ]
             real = [torch.view_as_real(p) if p.is_complex() else p for p in local]
-            w_sq = sq_norms_exact(real)  # float64: the residual is a small difference
+            w_sq = _sq_norms_on(real, device)  # float64: the residual is a small difference
             packed = torch.cat((stats.table, w_sq[:, None]), dim=1)
             if self._sum_groups[device]:
                 packed = self._combine_shards(packed, device)
@@ -554,6 +560,20 @@ def _disambiguate(name: str, taken: set[str], where: str) -> str:
         stacklevel=4,
     )
     return f"{name}#{n}"
+
+
+def _sq_norms_on(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """``sq_norms_exact`` of tensors that may live on several devices (ZeRO-Offload: a CUDA row measured on its
+    slice of a CPU partition), as one float64 tensor on ``device``."""
+    if all(t.device == device for t in tensors):
+        return sq_norms_exact(tensors)
+    out = torch.empty(len(tensors), dtype=torch.float64, device=device)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():
+        out[idx] = sq_norms_exact([tensors[i] for i in idx]).to(device)
+    return out
 
 
 def _dp_groups(p: Tensor) -> tuple[Any, ...]:

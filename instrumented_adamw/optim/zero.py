@@ -67,6 +67,12 @@ class ZeroMap:
     def knows(self, t: Tensor) -> bool:
         return id(t) in self.partitions
 
+    def group_index(self, params: list[Tensor], default: int) -> int:
+        """The index of the param group these tensors were given as: DeepSpeed's one-group calls show each group
+        at position 0."""
+        part = self.partitions.get(id(params[0])) if params else None
+        return part.group if part is not None else default
+
     def counts(self, param_groups: list[dict]) -> bool:
         """Whether this ``step()`` call counts as a step: ZeRO-1/2 calls it once per group, each time with that group
         alone in ``param_groups``; the call of the first group counts, so ``track_every`` counts optimizer steps."""
@@ -133,6 +139,25 @@ class ZeroMap:
         return out, keys, steps, finish
 
 
+def _padding_only(flat: Tensor, given: list[list[Tensor]], optimizer_name: str) -> Partition | None:
+    """A partition holding no parameter's element on this rank (DeepSpeed pads a small group to a multiple of the
+    ranks): still mapped, all padding, so that this rank counts the group's steps and joins the coverage check the
+    other ranks make. Its group is the one DeepSpeed linked whose parameters all have no slice here; None if there
+    is no such group, or several."""
+    linked = [g for g, params in enumerate(given)
+              if params and all(hasattr(p, "_dp_group") and getattr(p, "_hp_mapping", 0) is None
+                                for p in params if p.requires_grad)]  # fmt: skip
+    if len(linked) != 1:
+        return None
+    (g,) = linked
+    trainable = [p for p in given[g] if p.requires_grad]
+    _check_coverage(trainable, {}, trainable[0], optimizer_name)
+    starts, numels = [0] + [0] * len(trainable), [flat.numel()] + [0] * len(trainable)
+    keys: list[Tensor | None] = [None, *trainable]
+    views = [flat.narrow(0, s, n) for s, n in zip(starts, numels, strict=True)]
+    return Partition(flat=flat, group=g, starts=starts, numels=numels, keys=keys, views=views)
+
+
 def _same_storage(a: Tensor, b: Tensor) -> bool:
     return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
@@ -176,7 +201,7 @@ def map_partition(flat: Tensor, given: list[list[Tensor]], optimizer_name: str) 
                 )
             owners.append((start, numel, p, g))
     if not owners:
-        return None
+        return _padding_only(flat, given, optimizer_name)
     groups = {g for *_, g in owners}
     if len(groups) != 1 or flat.dim() != 1:
         raise RuntimeError(
