@@ -185,3 +185,20 @@ def test_alerts_reach_the_console_once_and_the_metrics_record(tmp_path):
 def test_diagnostics_can_be_switched_off():
     readings, monitor = drive(noise, 10, lr=0.5, diagnostics=False)
     assert monitor.diagnostics is None and kinds(readings) == []
+
+
+def test_lr_at_reads_a_lambda_lr_through_framework_wrappers():
+    """accelerate's AcceleratedScheduler and DeepSpeed's wrappers keep the scheduler inside: read through them;
+    anything else (no lr_lambdas) gives no lr_at, and the projection holds the current lr."""
+    from types import SimpleNamespace
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (s + 1))
+    for wrapped in (
+        sched,
+        SimpleNamespace(scheduler=sched),
+        SimpleNamespace(scheduler=SimpleNamespace(lr_scheduler=sched)),
+    ):
+        lr_at = lr_at_from_scheduler(wrapped)
+        assert lr_at(1) == 0.5 and lr_at(4) == pytest.approx(0.125)  # step t runs at the scheduler's (t-1)-th lr
+    assert lr_at_from_scheduler(torch.optim.lr_scheduler.StepLR(opt, 10)) is None

@@ -79,3 +79,12 @@ def test_tensorboard_dashboard_in_a_real_browser(run, tmp_path):
     line = np.array([255, 112, 67])  # the first run's colour (#ff7043)
     drawn = (np.abs(charts - line).sum(axis=2) < 60).sum()
     assert drawn > 5000, drawn  # observed: 17k with the run, 0.3k for the layout without data
+
+
+def test_wandb_sections_only_the_class_metrics():
+    from instrumented_adamw.sinks import wandb_key
+
+    assert wandb_key("Transmission/rms") == "forces/Transmission/rms"
+    assert wandb_key("Other/t_over_tau_end") == "forces/Other/t_over_tau_end"
+    for kept in ("loss", "lr", "val/acc", "train/loss", "weibull/QKV/k_median", "l2_norm/update/w", "trainer/step"):
+        assert wandb_key(kept) == kept
