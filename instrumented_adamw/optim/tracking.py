@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from instrumented_adamw.kernels.reductions import sq_norms_exact
 from instrumented_adamw.optim.forces import (
     START_KNOWN,
     START_W_SQ,
@@ -43,7 +42,7 @@ from instrumented_adamw.optim.forces import (
 )
 from instrumented_adamw.optim.functional import StackedReductions
 from instrumented_adamw.optim.sharding import _distinct, _summing_groups, local_tensor
-from instrumented_adamw.optim.zero import ZeroMap, map_partition, refuse_unmappable
+from instrumented_adamw.optim.zero import ZeroMap, dp_groups, map_partition, refuse_unmappable, sq_norms_on
 
 WEIGHT_DECAY_SCHEDULES = ("lr", "lr_squared")
 #: Names given to tensors passed without names (``model.parameters()``); the monitor renames them from the model.
@@ -255,7 +254,7 @@ class ForceTracking:
                 if key is None:
                     continue
                 self._zero.view[id(key)] = view
-                self._zero.group[id(key)] = _dp_groups(key)
+                self._zero.group[id(key)] = dp_groups(key)
                 where = self._rows.get(id(key))
                 if where is None:
                     continue
@@ -263,7 +262,7 @@ class ForceTracking:
                 self._row_groups[device][row] = self._summed_over(self._names[id(key)], key)
                 table = self._stats[device].table
                 if table[row, START_KNOWN] > 0:  # a read before: the interval starts from this rank's slice
-                    table[row, START_W_SQ] = _sq_norms_on([view], device)[0].to(table)
+                    table[row, START_W_SQ] = sq_norms_on([view], device)[0].to(table)
         for device, row_groups in self._row_groups.items():
             self._sum_groups[device] = _distinct(g for groups in row_groups for g in groups)
         return True
@@ -514,7 +513,7 @@ class ForceTracking:
                 local_tensor(p) if v is None else v for p, v in zip(self._tracked_params[device], local, strict=True)
             ]
             real = [torch.view_as_real(p) if p.is_complex() else p for p in local]
-            w_sq = _sq_norms_on(real, device)  # float64: the residual is a small difference
+            w_sq = sq_norms_on(real, device)  # float64: the residual is a small difference
             packed = torch.cat((stats.table, w_sq[:, None]), dim=1)
             if self._sum_groups[device]:
                 packed = self._combine_shards(packed, device)
@@ -560,28 +559,6 @@ def _disambiguate(name: str, taken: set[str], where: str) -> str:
         stacklevel=4,
     )
     return f"{name}#{n}"
-
-
-def _sq_norms_on(tensors: list[Tensor], device: torch.device) -> Tensor:
-    """``sq_norms_exact`` of tensors that may live on several devices (ZeRO-Offload: a CUDA row measured on its
-    slice of a CPU partition), as one float64 tensor on ``device``."""
-    if all(t.device == device for t in tensors):
-        return sq_norms_exact(tensors)
-    out = torch.empty(len(tensors), dtype=torch.float64, device=device)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    for idx in by_device.values():
-        out[idx] = sq_norms_exact([tensors[i] for i in idx]).to(device)
-    return out
-
-
-def _dp_groups(p: Tensor) -> tuple[Any, ...]:
-    """The group a DeepSpeed parameter's slices add up over (its ``_dp_group``; None is the default group); none in
-    a single process."""
-    import torch.distributed as dist
-
-    return (getattr(p, "_dp_group", None),) if dist.is_available() and dist.is_initialized() else ()
 
 
 def _per_row(values: list, device: torch.device) -> Tensor:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from instrumented_adamw.kernels.reductions import sq_norms_exact
+
 WORKS = (
     "What works: DeepSpeed ZeRO stages 0, 1 and 2 with InstrumentedAdamW, torch DDP, FSDP2 or any DTensor mesh "
     "(HF Trainer and accelerate included); or pass track=False to train without measuring."
@@ -259,3 +261,25 @@ def _check_coverage(trainable: list[Tensor], here: dict[int, int], any_owner: Te
             f"of a parameter of shape {tuple(trainable[i].shape)} across the data-parallel group ({len(bad)} "
             f"parameter(s) like it): the forces could not be attributed exactly. {WORKS}"
         )
+
+
+def sq_norms_on(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """``sq_norms_exact`` of tensors that may live on several devices (ZeRO-Offload: a CUDA row measured on its
+    slice of a CPU partition), as one float64 tensor on ``device``."""
+    if all(t.device == device for t in tensors):
+        return sq_norms_exact(tensors)
+    out = torch.empty(len(tensors), dtype=torch.float64, device=device)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():
+        out[idx] = sq_norms_exact([tensors[i] for i in idx]).to(device)
+    return out
+
+
+def dp_groups(p: Tensor) -> tuple[Any, ...]:
+    """The group a DeepSpeed parameter's slices add up over (its ``_dp_group``; None is the default group); none in
+    a single process."""
+    import torch.distributed as dist
+
+    return (getattr(p, "_dp_group", None),) if dist.is_available() and dist.is_initialized() else ()
