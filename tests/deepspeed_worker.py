@@ -1,13 +1,15 @@
-"""One DeepSpeed run on CPU (``DS_ACCELERATOR=cpu``, gloo), launched by tests/test_deepspeed.py with torchrun.
+"""DeepSpeed runs on CPU (``DS_ACCELERATOR=cpu``, gloo), launched by tests/test_deepspeed.py with torchrun.
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/deepspeed_worker.py MODE STAGE OUT
+    python -m torch.distributed.run --nproc_per_node=2 tests/deepspeed_worker.py MODE STAGES OUT
 
-MODE: ``run`` (STEPS steps, with ``engine.save_checkpoint`` and the monitor's state after the first half) or
-``resume`` (new processes: ``engine.load_checkpoint`` of that checkpoint, then the second half). A tiny GPT-NeoX
-in fp32 with two param groups (decayed matrices, undecayed norms and biases), InstrumentedAdamW as DeepSpeed's
-client optimizer, a read every step. Rank 0 writes ``OUT/<mode>_stage<S>.json``: per step, each tensor's forces,
-and ‖W‖² before and after the step of the gathered fp32 parameters (DeepSpeed's ``safe_get_full_fp32_param``: the
-independent check), plus the optimizer's counters.
+STAGES: comma-separated ZeRO stages, run one after the other in the same processes (each a new engine on a new
+model: on CPU the launches, not the runs, cost the time). MODE: ``run`` (STEPS steps, with
+``engine.save_checkpoint`` and the monitor's state after the first half) or ``resume`` (new processes:
+``engine.load_checkpoint`` of that checkpoint, then the second half). A tiny GPT-NeoX in fp32 with two param groups
+(decayed matrices, undecayed norms and biases), InstrumentedAdamW as DeepSpeed's client optimizer, a read every
+step. Rank 0 writes ``OUT/<mode>_stage<S>.json``: per step, each tensor's forces, and ‖W‖² before and after the
+step of the gathered fp32 parameters (DeepSpeed's ``safe_get_full_fp32_param``: the independent check), plus the
+optimizer's counters.
 """
 
 from __future__ import annotations
@@ -44,8 +46,13 @@ def full_sq_norms(model, stage: int) -> dict[str, float]:
     return out
 
 
-def main(mode: str, stage: int, out: Path) -> None:
+def main(mode: str, stages: list[int], out: Path) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
+    for stage in stages:
+        one_run(mode, stage, out)
+
+
+def one_run(mode: str, stage: int, out: Path) -> None:
     rank = dist.get_rank()
     model = tiny_model("gpt_neox", seed=0)
     decayed = [(n, p) for n, p in model.named_parameters() if p.dim() >= 2]
@@ -105,4 +112,4 @@ def main(mode: str, stage: int, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]))
+    main(sys.argv[1], [int(s) for s in sys.argv[2].split(",")], Path(sys.argv[3]))
